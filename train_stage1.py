@@ -1,0 +1,445 @@
+"""Stage 1 of the NetEase WFAS recipe: train a ConvNeXt teacher, evaluate it, and write soft labels.
+
+    accelerate launch train_stage1.py --data_root WFAS --output_dir EXP
+    python train_stage1.py --data_root WFAS --output_dir EXP          # one device
+
+Writes into EXP: split.csv, stage1_config.json, checkpoints/stage1/{stage1_best.safetensors, stage1_latest/},
+logs/stage1/, stage1_soft_labels.pth ({image path: [prob_spoof, prob_live]}) and stage1_results.json.
+"""
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import huggingface_hub
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2
+from tqdm.auto import tqdm
+
+import wfas_data
+from wfas_data import UserError
+
+logger = get_logger("stage1")
+
+# Flags that control one invocation rather than describe the experiment; they stay out of stage1_config.json.
+RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of these flags as keys; command-line flags override it")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_root", help="WFAS folder (holding Train/), Train/ itself, or a labelled list file")
+    group.add_argument("--output_dir", default="output", help="experiment folder (default: %(default)s)")
+    group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
+    group.add_argument("--test_fraction", type=float, default=0.1, help="share of subjects held out for test")
+    group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
+                       help="face box expansion before the square crop (default: %(default)s)")
+    group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
+    group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name", default="convnext_base", help="any timm model (default: %(default)s)")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                       help="start from ImageNet weights (default: on)")
+    group.add_argument("--pretrained_file", help="local .safetensors or .pth weights to start from")
+    group.add_argument("--model_cache_dir", help="where fetched weights are kept (default: EXP/model/stage1/<model>)")
+    group.add_argument("--download_only", action="store_true",
+                       help="fetch the pretrained weights into the cache and exit (run it on a login node)")
+    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: %(default)s)")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--num_epochs", type=int, default=50)
+    group.add_argument("--batch_size", type=int, default=32, help="per device")
+    group.add_argument("--learning_rate", type=float, default=2e-4)
+    group.add_argument("--weight_decay", type=float, default=0.05)
+    group.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup, then cosine decay")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient clipping; 0 turns it off")
+    group.add_argument("--max_train_steps", type=int, default=None, help="stop after this many updates (smoke runs)")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--resume_from_checkpoint", help="'latest' or a stage1_latest folder")
+    group.add_argument("--report_to", default="none",
+                       help="tensorboard, wandb, ... or all: any tracker accelerate supports (default: none)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    config_path = argparse.ArgumentParser(add_help=False)
+    config_path.add_argument("--config")
+    config_file = config_path.parse_known_args(argv)[0].config
+    if config_file:
+        try:
+            config = json.loads(Path(config_file).read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read --config {config_file}: {error}") from None
+        known = {action.dest for action in parser._actions} - {"help", "config"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UserError(f"unknown key(s) {', '.join(unknown)} in {config_file}; valid keys are the flags of "
+                            "`python train_stage1.py --help` without the dashes")
+        parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    if not args.data_root and not args.download_only:
+        raise UserError("--data_root is required (the WFAS folder that holds Train/); "
+                        "`python wfas_data.py make_demo DIR` writes a small demo dataset")
+    if not timm.is_model(args.model_name):
+        raise UserError(f"--model_name {args.model_name} is not a timm model; "
+                        f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
+    args.output_dir = str(Path(args.output_dir).expanduser())
+    if args.model_cache_dir is None:
+        args.model_cache_dir = str(Path(args.output_dir) / "model" / "stage1" / args.model_name)
+    return args
+
+
+def setup_logging(accelerator, log_dir):
+    """Console on every process (accelerate's logger keeps non-main quiet), plus a file on the main process."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if accelerator.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        handlers.append(logging.FileHandler(log_dir / f"stage1_training_{stamp}.log"))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, handlers=handlers, force=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file save_state chatter
+    return handlers[-1].baseFilename if accelerator.is_main_process else None
+
+
+def network_reachable(model_name):
+    """A quick look before a download: huggingface_hub retries a dead network for most of a minute."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connection says nothing; let the download try
+    cfg = timm.get_pretrained_cfg(model_name)
+    url = huggingface_hub.constants.ENDPOINT if cfg and cfg.hf_hub_id else (cfg.url if cfg else "")
+    host = urlparse(url).hostname
+    if not host:
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_pretrained(model_name, cache_dir):
+    """Pretrained weights as a local safetensors file, downloaded once into cache_dir and reused after that."""
+    cached = Path(cache_dir) / f"{model_name}.safetensors"
+    if cached.is_file():
+        return cached
+    if not network_reachable(model_name):
+        raise UserError(f"no network to fetch pretrained {model_name} weights and no cached copy at {cached}: "
+                        "run with --download_only on a machine with internet (a login node), or pass "
+                        "--pretrained_file PATH, or train from scratch with --no-pretrained")
+    download_dir = Path(cache_dir) / "download"
+    try:
+        model = timm.create_model(model_name, pretrained=True, cache_dir=download_dir)
+    except (OSError, RuntimeError) as error:
+        raise UserError(f"could not download pretrained {model_name} weights ({error}); retry, or pass "
+                        "--pretrained_file PATH, or --no-pretrained") from None
+    tmp = cached.with_name(cached.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, cached)
+    shutil.rmtree(download_dir, ignore_errors=True)
+    return cached
+
+
+def create_model(args):
+    kwargs = dict(num_classes=2, drop_path_rate=args.drop_path_rate)
+    if not args.pretrained:
+        return timm.create_model(args.model_name, pretrained=False, **kwargs)
+    weights = Path(args.pretrained_file) if args.pretrained_file else fetch_pretrained(args.model_name,
+                                                                                        args.model_cache_dir)
+    if not weights.is_file():
+        raise UserError(f"--pretrained_file {weights} does not exist")
+    try:  # timm loads the file, drops the 1000-class head and adapts what needs adapting
+        return timm.create_model(args.model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                                 **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise UserError(f"cannot load {weights} into {args.model_name}: {str(error).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator, tta=False, desc="predicting"):
+    """P(spoof), P(live) for every image of loader, each counted once across processes.
+    Returns (probs [N, 2], dataset indices [N], decoded-ok mask [N]) on every process."""
+    model.eval()
+    probs, indices, oks = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        batch_probs = model(batch["image"]).float().softmax(-1)
+        if tta:
+            batch_probs = (batch_probs + model(batch["image"].flip(-1)).float().softmax(-1)) / 2
+        for error in batch["error"]:
+            if error:
+                logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+        # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
+        batch_probs, batch_indices, batch_ok = accelerator.gather_for_metrics(
+            (batch_probs, batch["index"], batch["ok"].to(torch.uint8)))
+        probs.append(batch_probs.cpu())
+        indices.append(batch_indices.cpu())
+        oks.append(batch_ok.cpu())
+    return torch.cat(probs).numpy(), torch.cat(indices).numpy(), torch.cat(oks).numpy().astype(bool)
+
+
+def evaluate(model, loader, split_table, accelerator, threshold=None, tta=False, desc="val"):
+    """Loss and WFAS metrics of one split; the threshold is the EER point of these scores unless given."""
+    probs, indices, ok = predict(model, loader, accelerator, tta, desc)
+    probs, indices = probs[ok], indices[ok]
+    labels = split_table.label[indices]
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    metrics = wfas_data.compute_metrics(probs[:, 1], labels, split_table.attack_type[indices], threshold)
+    metrics.update(loss=loss, unreadable=int((~ok).sum()))
+    return metrics
+
+
+def save_best(accelerator, model, path, metadata):
+    """Weights only, in safetensors, written aside and renamed into place."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, tmp,
+                  metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+
+
+def save_latest(accelerator, latest_dir, training_state):
+    """The full accelerate state (model, optimizer, scheduler, RNG) plus our counters. Written aside and
+    swapped in, so a kill leaves either the previous or the new state, never half of one."""
+    tmp, old = latest_dir.with_name(latest_dir.name + ".tmp"), latest_dir.with_name(latest_dir.name + ".old")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        wfas_data.write_json(tmp / "training_state.json", training_state)
+        if latest_dir.exists():
+            latest_dir.rename(old)
+        tmp.rename(latest_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume(resume, latest_dir):
+    path = latest_dir if resume == "latest" else Path(resume)
+    if not (path / "training_state.json").is_file():
+        old = path.with_name(path.name + ".old")  # a kill between the two renames of save_latest
+        if (old / "training_state.json").is_file():
+            return old
+        raise UserError(f"--resume_from_checkpoint {resume}: no saved state at {path} "
+                        "(expected a stage1_latest folder written by an earlier run)")
+    return path
+
+
+def write_soft_labels(path, table, probs, indices):
+    """{relative image path: [prob_spoof, prob_live]}, loadable with torch.load(..., weights_only=True)."""
+    paths = table.paths()
+    soft_labels = {paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices, probs)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(soft_labels, tmp)
+    os.replace(tmp, path)
+    return len(soft_labels)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start_time = time.time()
+    output_dir = Path(args.output_dir)
+    ckpt_dir = output_dir / "checkpoints" / "stage1"
+    best_path, latest_dir = ckpt_dir / "stage1_best.safetensors", ckpt_dir / "stage1_latest"
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the same shuffle on every resume, so that --resume_from_checkpoint continues the same run
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    log_file = setup_logging(accelerator, output_dir / "logs" / "stage1")
+
+    if args.download_only:
+        if accelerator.is_main_process:
+            weights = fetch_pretrained(args.model_name, args.model_cache_dir)
+            logger.info(f"Pretrained {args.model_name} weights are in {weights}; compute nodes will reuse them")
+        return {"pretrained_file": str(Path(args.model_cache_dir) / f"{args.model_name}.safetensors")}
+
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_KEYS}
+        wfas_data.write_json(output_dir / "stage1_config.json", config)
+
+    with accelerator.main_process_first():  # the main process writes split.csv and fetches weights first
+        table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction, args.test_fraction,
+                                               args.seed, log=logger.info)
+        model = create_model(args)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    img_size = args.img_size or data_config["input_size"][-1]
+    splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
+    datasets = wfas_data.build_datasets(table, img_size, data_config["mean"], data_config["std"],
+                                        args.face_crop_scale)
+
+    logger.info(f"Stage 1: {args.model_name} ({'pretrained' if args.pretrained else 'from scratch'}), "
+                f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+                f"mixed precision {accelerator.mixed_precision}, image size {img_size}, "
+                f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}")
+    logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
+    if log_file:
+        logger.info(f"Logging to {log_file}")
+
+    def loader(dataset, train=False):
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, drop_last=train,
+                                           num_workers=args.num_workers, pin_memory=True,
+                                           persistent_workers=train and args.num_workers > 0)
+
+    train_loader, val_loader = loader(datasets["train"], train=True), loader(datasets["val"])
+    if len(train_loader) == 0:
+        raise UserError(f"the train split has {len(datasets['train'])} images, fewer than one batch of "
+                        f"{args.batch_size}; lower --batch_size")
+    optimizer = create_optimizer_v2(model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_updates = args.num_epochs * updates_per_epoch
+    if args.max_train_steps:
+        total_updates = min(total_updates, args.max_train_steps)
+    warmup = min(round(args.warmup_epochs * updates_per_epoch), total_updates // 2)  # short runs still decay
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=max(warmup, 1)),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_updates - warmup, 1),
+                                                   eta_min=args.learning_rate * 0.01),
+    ], milestones=[warmup])
+    accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
+
+    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf, "best_val": None}
+    if args.resume_from_checkpoint:
+        resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
+        accelerator.load_state(str(resume_dir))
+        state = json.loads((resume_dir / "training_state.json").read_text())
+        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done, "
+                    f"{state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("stage1", config={k: v for k, v in vars(args).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+
+    progress = tqdm(total=total_updates, initial=state["global_step"], desc="stage 1",
+                    disable=not accelerator.is_local_main_process)
+    train_images, train_seconds, epochs_run, loop_start = 0, 0.0, 0, time.time()
+    for epoch in range(state["epoch"] + 1, args.num_epochs):
+        if state["global_step"] >= total_updates:
+            break
+        model.train()
+        train_loader.set_epoch(epoch)
+        epoch_start, epoch_images, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                logits = model(batch["image"])
+                ok = batch["ok"]
+                # undecodable images were replaced by zeros; they take no part in the loss
+                loss = F.cross_entropy(logits[ok], batch["label"][ok]) if ok.any() else logits.sum() * 0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for error in batch["error"]:
+                if error:
+                    logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+            loss_sum += loss.item()
+            loss_count += 1
+            epoch_images += len(ok) * accelerator.num_processes
+            if accelerator.sync_gradients:
+                scheduler.step()
+                state["global_step"] += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_sum / loss_count:.4f}",
+                                     img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
+                if state["global_step"] >= total_updates:
+                    break
+        epoch_seconds = time.time() - epoch_start
+        train_images += epoch_images
+        train_seconds += epoch_seconds
+
+        val = evaluate(model, val_loader, splits["val"], accelerator, desc="val")
+        state["epoch"] = epoch
+        improved = val["acer"] < state["best_val_acer"]
+        if improved:
+            state.update(best_epoch=epoch, best_val_acer=val["acer"], best_val=val)
+            save_best(accelerator, model, best_path, {
+                "model_name": args.model_name, "img_size": str(img_size), "epoch": str(epoch),
+                "face_crop_scale": str(args.face_crop_scale), "val_metrics": val})
+        save_latest(accelerator, latest_dir, state)
+
+        epochs_run += 1
+        epochs_left = min(args.num_epochs - epoch - 1,
+                          math.ceil((total_updates - state["global_step"]) / updates_per_epoch))
+        eta = (time.time() - loop_start) / epochs_run * epochs_left
+        logger.info(f"epoch {epoch + 1}/{args.num_epochs}  train loss {loss_sum / max(loss_count, 1):.4f}  "
+                    f"val loss {val['loss']:.4f}  val {wfas_data.format_metrics(val)}  "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
+                    f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
+                    f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else ""))
+        accelerator.log({"train/loss": loss_sum / max(loss_count, 1), "train/lr": scheduler.get_last_lr()[0],
+                         "train/images_per_second": epoch_images / epoch_seconds,
+                         **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
+    progress.close()
+
+    if not best_path.is_file():
+        raise UserError(f"no best checkpoint at {best_path}: training ran no epoch (check --num_epochs)")
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(best_path))
+    best_val = state["best_val"]
+    logger.info(f"Best epoch {state['best_epoch'] + 1}: val {wfas_data.format_metrics(best_val)}")
+
+    test_loader = accelerator.prepare(loader(datasets["test"]))
+    test = evaluate(model, test_loader, splits["test"], accelerator, threshold=best_val["threshold"],
+                    tta=args.tta, desc="test")
+    logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
+
+    soft_loader = accelerator.prepare(loader(wfas_data.FaceDataset(splits["train"], img_size, data_config["mean"],
+                                                                   data_config["std"], train=False,
+                                                                   face_crop_scale=args.face_crop_scale)))
+    probs, indices, ok = predict(model, soft_loader, accelerator, tta=args.tta, desc="soft labels")
+    soft_labels_path = output_dir / "stage1_soft_labels.pth"
+    results = {
+        "best_epoch": state["best_epoch"] + 1,
+        "val": best_val,
+        "test": test,
+        "threshold": best_val["threshold"],
+        "soft_labels_path": str(soft_labels_path),
+        "num_soft_labels": int(ok.sum()),
+        "num_train_images": len(splits["train"]),
+        "wall_time_s": round(time.time() - start_time, 1),
+        "images_per_second": round(train_images / train_seconds, 1) if train_seconds else None,
+    }
+    if accelerator.is_main_process:
+        write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])
+        wfas_data.write_json(output_dir / "stage1_results.json", results)
+        logger.info(f"Wrote {results['num_soft_labels']} soft labels to {soft_labels_path} and results to "
+                    f"{output_dir / 'stage1_results.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    wfas_data.run_cli(main)

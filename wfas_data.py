@@ -1,0 +1,708 @@
+"""WFAS data: indexing, subject-disjoint splits, face crops, transforms and the evaluation protocol.
+
+Shared by train_stage1.py and train_stage2.py. Also a small command line:
+
+    python wfas_data.py make_demo DIR [--subjects N] [--seed S]   # a generated dataset in the WFAS layout
+    python wfas_data.py check --data_root DIR [--json] [--verify_images]
+
+Conventions used everywhere in the project: live = 1, spoof = 0, and a score is P(live).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps
+from torchvision import transforms as T
+from tqdm.auto import tqdm  # installed with huggingface_hub, which timm and accelerate require
+
+LIVE, SPOOF = 1, 0
+LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# RetinaFace boxes are tight around the face. 1.5x brings in hair, ears and the surroundings where the
+# strongest attack cues live (paper edges, screen bezels, fingers holding a photo), while the face still
+# fills most of the input.
+DEFAULT_FACE_CROP_SCALE = 1.5
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a file, a setting). Scripts print it as one line and exit 2."""
+
+
+def run_cli(main):
+    """Run a script's main(); user errors become one line on stderr and exit code 2, with no traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Indexing
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleTable:
+    """One row per image, held in numpy arrays rather than per-sample objects so that DataLoader workers
+    share the pages instead of slowly copying them (reference counts touch every Python object).
+
+    Strings are UTF-8 bytes (numpy 'S' arrays); ``path`` is relative to ``root``."""
+    root: Path
+    path: np.ndarray
+    label: np.ndarray        # int8: LIVE / SPOOF, -1 when unlabelled
+    attack_type: np.ndarray  # bytes: LIVE_TYPE or the attack folder name
+    subject: np.ndarray      # bytes: the folder that holds the image; a subject is a folder
+    has_bbox: np.ndarray     # bool: a bbox file lies next to the image
+    split: np.ndarray = None  # int8 index into SPLITS, once assigned
+
+    def __len__(self):
+        return len(self.path)
+
+    def select(self, mask):
+        return SampleTable(self.root, self.path[mask], self.label[mask], self.attack_type[mask],
+                           self.subject[mask], self.has_bbox[mask], None if self.split is None else self.split[mask])
+
+    def of_split(self, name):
+        return self.select(self.split == SPLITS.index(name))
+
+    def paths(self):
+        return [p.decode() for p in self.path]
+
+    def attack_types(self):
+        return [a.decode() for a in self.attack_type]
+
+
+def _as_bytes_array(strings):
+    return np.array([s.encode() for s in strings], dtype=bytes) if strings else np.array([], dtype="S1")
+
+
+def _make_table(root, paths, labels, attack_types, subjects, has_bbox):
+    return SampleTable(root=Path(root), path=_as_bytes_array(paths), label=np.asarray(labels, dtype=np.int8),
+                       attack_type=_as_bytes_array(attack_types), subject=_as_bytes_array(subjects),
+                       has_bbox=np.asarray(has_bbox, dtype=bool))
+
+
+def resolve_data_root(data_root):
+    """Return the folder that holds Train/. Accepts that folder or Train/ itself."""
+    root = Path(data_root).expanduser()
+    if not root.exists():
+        raise UserError(f"--data_root {root} does not exist; expected the WFAS folder that holds Train/ "
+                        "(Train/living and Train/spoof), or a labelled list file")
+    if (root / "Train").is_dir():
+        return root
+    if root.name == "Train" and ((root / "living").is_dir() or (root / "spoof").is_dir()):
+        return root.parent
+    raise UserError(f"--data_root {root} is not a WFAS folder: expected Train/living/<subject>/*.jpg and "
+                    "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself, or a labelled "
+                    "list file)")
+
+
+def _walk_images(folder, root):
+    """Yield (relative path, relative folder, has bbox file) for each image below folder, without opening it."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            entries = sorted(entries, key=lambda e: e.name)
+        names = {e.name for e in entries}
+        relative_dir = os.path.relpath(current, root)
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                stem = os.path.splitext(entry.name)[0]
+                yield f"{relative_dir}/{entry.name}", relative_dir, f"{stem}.txt" in names
+
+
+def index_wfas(data_root):
+    """Index Train/ of a WFAS release: Train/living/<subject>/ and Train/spoof/<attack type>/<subject>/."""
+    root = resolve_data_root(data_root)
+    rows = []
+    living = root / "Train" / "living"
+    if living.is_dir():
+        rows += [(path, LIVE, LIVE_TYPE, subject, bbox) for path, subject, bbox in _walk_images(living, root)]
+    spoof = root / "Train" / "spoof"
+    if spoof.is_dir():
+        for attack_dir in sorted(p for p in spoof.iterdir() if p.is_dir()):
+            rows += [(path, SPOOF, attack_dir.name, subject, bbox)
+                     for path, subject, bbox in _walk_images(attack_dir, root)]
+    if not rows:
+        raise UserError(f"no images found under {root / 'Train'}; expected Train/living/<subject>/*.jpg and "
+                        "Train/spoof/<attack type>/<subject>/*.jpg")
+    paths, labels, attack_types, subjects, has_bbox = zip(*rows)
+    return _make_table(root, paths, labels, attack_types, subjects, has_bbox)
+
+
+def index_labelled_list(list_file):
+    """Index a labelled list file: one `relative/path.jpg label [attack_type]` per line, label 1 = live.
+
+    Paths are relative to the list file's folder; a subject is the folder that holds the image."""
+    list_file = Path(list_file)
+    root = list_file.parent
+    paths, labels, attack_types = [], [], []
+    for line_number, line in enumerate(list_file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 2 or fields[1] not in ("0", "1"):
+            raise UserError(f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type]` "
+                            f"with label 1 (live) or 0 (spoof), got {line.strip()!r}")
+        label = int(fields[1])
+        paths.append(fields[0])
+        labels.append(label)
+        attack_types.append(LIVE_TYPE if label == LIVE else (fields[2] if len(fields) > 2 else "spoof"))
+    if not paths:
+        raise UserError(f"{list_file} lists no images; expected one `relative/path.jpg label` per line")
+    subjects = [os.path.dirname(p) for p in paths]
+    has_bbox = [(root / p).with_suffix(".txt").is_file() for p in paths]
+    return _make_table(root, paths, labels, attack_types, subjects, has_bbox)
+
+
+def index_dataset(data_root):
+    """Index a WFAS folder, or a labelled list file."""
+    source = Path(data_root).expanduser()
+    if source.is_file():
+        return index_labelled_list(source)
+    return index_wfas(source)
+
+
+def unlabelled_table(root, paths):
+    """A table of images without labels (label -1), such as the challenge's Dev/Test lists."""
+    return _make_table(root, paths, [-1] * len(paths), [""] * len(paths), [os.path.dirname(p) for p in paths],
+                       [True] * len(paths))
+
+
+def find_prediction_lists(root):
+    """The unlabelled challenge lists shipped next to Train/: Dev/Dev.txt, Test/Test.txt."""
+    return [root / name / f"{name}.txt" for name in ("Dev", "Test") if (root / name / f"{name}.txt").is_file()]
+
+
+def read_prediction_list(list_file):
+    """Read an unlabelled challenge list (Dev.txt / Test.txt): the first token of each line names an image
+    in the list's folder or its data/ subfolder. Returns (image folder, names in list order)."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise UserError(f"list file {list_file} does not exist; expected e.g. WFAS/Dev/Dev.txt")
+    names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"list file {list_file} is empty")
+    for folder in (list_file.parent / "data", list_file.parent):
+        if (folder / names[0]).is_file():
+            return folder, names
+    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in {list_file.parent / 'data'} or "
+                    f"{list_file.parent}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------
+
+def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
+    """Split by subject, stratified by attack type, deterministic for a seed.
+
+    Within each attack type the subjects are shuffled and laid end to end by image count; a subject goes to
+    val or test when its first image falls in those fractions, so each split gets about its share of images
+    and no subject is in two splits."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise UserError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
+                        "and leave images for training (sum < 1)")
+    rng = np.random.default_rng(seed)
+    split = np.zeros(len(table), dtype=np.int8)
+    for attack_type in np.unique(table.attack_type):
+        in_type = np.flatnonzero(table.attack_type == attack_type)
+        subjects, subject_of_row, counts = np.unique(table.subject[in_type], return_inverse=True,
+                                                     return_counts=True)
+        order = rng.permutation(len(subjects))
+        start = np.cumsum(counts[order]) - counts[order]  # images before each subject, in shuffled order
+        position = np.empty(len(subjects))
+        position[order] = start / counts.sum()
+        subject_split = np.where(position < val_fraction, 1, np.where(position < val_fraction + test_fraction, 2, 0))
+        split[in_type] = subject_split[subject_of_row]
+    table.split = split
+    return table
+
+
+def write_split_csv(table, csv_path):
+    csv_path = Path(csv_path)
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "attack_type", "subject", "split"])
+        for row in zip(table.paths(), table.label.tolist(), table.attack_types(),
+                       (s.decode() for s in table.subject), (SPLITS[s] for s in table.split)):
+            writer.writerow(row)
+    os.replace(tmp, csv_path)
+
+
+def read_split_csv(csv_path, root):
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != ["path", "label", "attack_type", "subject", "split"]:
+            raise UserError(f"{csv_path} is not a split file: expected the columns "
+                            "path,label,attack_type,subject,split")
+        rows = list(reader)
+    try:
+        table = _make_table(root, [r["path"] for r in rows], [int(r["label"]) for r in rows],
+                            [r["attack_type"] for r in rows], [r["subject"] for r in rows],
+                            [True] * len(rows))
+        table.split = np.array([SPLITS.index(r["split"]) for r in rows], dtype=np.int8)
+    except ValueError as error:
+        raise UserError(f"{csv_path} is damaged ({error}); delete it to recompute the split") from None
+    return table
+
+
+def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print):
+    """Return the table with its split, reusing OUTPUT_DIR/split.csv when it exists so that every run and
+    both stages see the same split. Call it on the main process first (it writes the file)."""
+    source = Path(data_root).expanduser()
+    root = source.parent if source.is_file() else resolve_data_root(source)
+    csv_path = Path(output_dir) / "split.csv"
+    if csv_path.exists():
+        table = read_split_csv(csv_path, root)
+        log(f"Reusing the split in {csv_path} ({len(table)} images)")
+    else:
+        table = assign_splits(index_dataset(source), val_fraction, test_fraction, seed)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_split_csv(table, csv_path)
+        log(f"Wrote a subject-disjoint split to {csv_path} ({len(table)} images)")
+    train_labels = table.label[table.split == SPLITS.index("train")]
+    num_live, num_spoof = int((train_labels == LIVE).sum()), int((train_labels == SPOOF).sum())
+    if num_live == 0 or num_spoof == 0:
+        raise UserError(f"the train split of {source} holds {num_live} live and {num_spoof} spoof images; "
+                        "training needs both classes (Train/living and Train/spoof)")
+    return table
+
+
+def describe_split(table):
+    """One line per split: images, live, spoof, subjects."""
+    lines = []
+    for name in SPLITS:
+        part = table.of_split(name)
+        lines.append(f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
+                     f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Face crops and transforms
+# ----------------------------------------------------------------------------------------------------------
+
+def read_bbox(txt_path):
+    """RetinaFace points from a bbox file (7 lines of `x y`: box left-top, box right-bottom, 5 landmarks),
+    as a (7, 2) float array, or None when the file is missing or malformed."""
+    try:
+        lines = Path(txt_path).read_text().split("\n")
+        points = np.array([[float(v) for v in line.split()] for line in lines if line.strip()], dtype=np.float64)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if points.shape != (7, 2) or not np.isfinite(points).all():
+        return None
+    return points
+
+
+def face_crop_box(points, width, height, scale=DEFAULT_FACE_CROP_SCALE):
+    """The square crop around the face box, expanded by scale and kept inside the image. Reversed, negative
+    or out-of-image coordinates are normalised; no usable box means the whole image."""
+    if points is not None:
+        x1, x2 = np.clip(sorted(points[:2, 0]), 0, width)
+        y1, y2 = np.clip(sorted(points[:2, 1]), 0, height)
+        if x2 - x1 >= 2 and y2 - y1 >= 2:
+            side = min(max(x2 - x1, y2 - y1) * scale, width, height)
+            left = min(max((x1 + x2 - side) / 2, 0), width - side)
+            top = min(max((y1 + y2 - side) / 2, 0), height - side)
+            return left, top, left + side, top + side
+    return 0.0, 0.0, float(width), float(height)
+
+
+def load_face(image_path, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0):
+    """Open an image, apply its EXIF orientation, and crop the face from the bbox file next to it.
+
+    With min_side, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale when the crop stays at least min_side
+    pixels wide: the decoder does that for free and it is several times faster than a full decode."""
+    image_path = Path(image_path)
+    with Image.open(image_path) as image:
+        rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        width, height = (image.height, image.width) if rotated else image.size
+        box = face_crop_box(read_bbox(image_path.with_suffix(".txt")), width, height, face_crop_scale)
+        reduction = int((box[2] - box[0]) // min_side) if min_side else 1
+        if image.format == "JPEG" and reduction >= 2:
+            image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    sx, sy = image.width / width, image.height / height
+    return image.crop((round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)))
+
+
+def build_transform(img_size, mean, std, train):
+    """Attack cues are fine textures (halftone, moire), so augmentation stays mild: a random scale/shift of
+    the face crop, a horizontal flip, light colour jitter; one resize, no blur. Evaluation is deterministic."""
+    if train:
+        geometry = [T.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1),
+                                        interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(),
+                    T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1)]
+    else:
+        geometry = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)]
+    return T.Compose(geometry + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Face crops of the images in a SampleTable.
+
+    Each item is a dict: image, label, index, ok, error. An image that cannot be decoded gives ok=False, a
+    zero image and the reason in error, so that a multi-hour run logs it and carries on, and batch shapes
+    stay equal across processes."""
+
+    def __init__(self, table, img_size, mean, std, train=False, face_crop_scale=DEFAULT_FACE_CROP_SCALE):
+        self.root = table.root
+        self.path = table.path
+        self.label = table.label
+        self.img_size = img_size
+        self.face_crop_scale = face_crop_scale
+        self.transform = build_transform(img_size, mean, std, train)
+
+    def __len__(self):
+        return len(self.path)
+
+    def __getitem__(self, index):
+        path = self.root / self.path[index].decode()
+        try:
+            image = self.transform(load_face(path, self.face_crop_scale, min_side=self.img_size))
+            ok, error = True, ""
+        except DECODE_ERRORS as exc:
+            image = torch.zeros(3, self.img_size, self.img_size)
+            ok, error = False, f"{self.path[index].decode()}: {type(exc).__name__}: {exc}"
+        return {"image": image, "label": int(self.label[index]), "index": index, "ok": ok, "error": error}
+
+
+def build_datasets(table, img_size, mean, std, face_crop_scale=DEFAULT_FACE_CROP_SCALE):
+    """{'train', 'val', 'test'} datasets of a split table; only train is augmented."""
+    return {name: FaceDataset(table.of_split(name), img_size, mean, std, train=name == "train",
+                              face_crop_scale=face_crop_scale) for name in SPLITS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation protocol
+# ----------------------------------------------------------------------------------------------------------
+
+def eer_threshold(scores, labels):
+    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
+    if len(live) == 0 or len(spoof) == 0:
+        return 0.5
+    candidates = np.append(np.unique(scores), np.inf)
+    apcer = 1 - np.searchsorted(spoof, candidates, side="left") / len(spoof)  # spoof with score >= t
+    bpcer = np.searchsorted(live, candidates, side="left") / len(live)        # live with score < t
+    best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
+    return float(candidates[best]) if np.isfinite(candidates[best]) else 1.0 + 1e-6
+
+
+def roc_auc(scores, labels):
+    """Probability that a live image scores above a spoof image (ties count half)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    n_live, n_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
+    if n_live == 0 or n_spoof == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return float((ranks[labels == LIVE].sum() - n_live * (n_live + 1) / 2) / (n_live * n_spoof))
+
+
+def compute_metrics(scores, labels, attack_types, threshold=None):
+    """WFAS metrics for P(live) scores. A sample is predicted live when score >= threshold; without a
+    threshold, the EER point of these scores is used (do that on val, never on test).
+
+    Returns threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack and worst_apcer."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    attack_types = np.asarray(attack_types).astype(str)
+    eer_point = eer_threshold(scores, labels)
+    if threshold is None:
+        threshold = eer_point
+
+    def error_rates(t):
+        predicted_live = scores >= t
+        spoof, live = labels == SPOOF, labels == LIVE
+        apcer = float(predicted_live[spoof].mean()) if spoof.any() else float("nan")
+        bpcer = float((~predicted_live[live]).mean()) if live.any() else float("nan")
+        return predicted_live, apcer, bpcer
+
+    predicted_live, apcer, bpcer = error_rates(threshold)
+    _, eer_apcer, eer_bpcer = error_rates(eer_point)
+    per_attack = {a: float(predicted_live[attack_types == a].mean())
+                  for a in sorted(set(attack_types[labels == SPOOF]))}
+    return {
+        "threshold": float(threshold),
+        "acc": float((predicted_live == (labels == LIVE)).mean()) if len(labels) else float("nan"),
+        "apcer": apcer,
+        "bpcer": bpcer,
+        "acer": (apcer + bpcer) / 2,
+        "auc": roc_auc(scores, labels),
+        "eer": (eer_apcer + eer_bpcer) / 2,
+        "apcer_per_attack": per_attack,
+        "worst_apcer": max(per_attack.values()) if per_attack else float("nan"),
+        "num_images": int(len(labels)),
+    }
+
+
+def format_metrics(metrics):
+    return (f"ACC {metrics['acc']:.4f}  APCER {metrics['apcer']:.4f}  BPCER {metrics['bpcer']:.4f}  "
+            f"ACER {metrics['acer']:.4f}  AUC {metrics['auc']:.4f}  EER {metrics['eer']:.4f}  "
+            f"worst-attack APCER {metrics['worst_apcer']:.4f}")
+
+
+def write_json(path, data):
+    """Write JSON aside and rename it into place, so a kill never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# check: a dataset summary to read before a multi-day job
+# ----------------------------------------------------------------------------------------------------------
+
+def _can_decode(path):
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except DECODE_ERRORS:
+        return False
+
+
+def check_dataset(data_root, verify_images=False, workers=16):
+    table = index_dataset(data_root)
+    root = table.root
+    bbox_files = [root / p for p in table.paths()]
+    with ThreadPoolExecutor(workers) as pool:
+        points = list(tqdm(pool.map(lambda p: read_bbox(p.with_suffix(".txt")), bbox_files, chunksize=256),
+                           total=len(bbox_files), desc="bbox files", leave=False))
+    missing = int((~table.has_bbox).sum())
+    bad = int(sum(p is None for p in points)) - missing
+    attack_types = {a.decode(): int(n) for a, n in zip(*np.unique(table.attack_type[table.label == SPOOF],
+                                                                   return_counts=True))}
+    summary = {
+        "data_root": str(root),
+        "num_images": len(table),
+        "num_live": int((table.label == LIVE).sum()),
+        "num_spoof": int((table.label == SPOOF).sum()),
+        "num_subjects": int(len(np.unique(np.char.add(table.attack_type, table.subject)))),
+        "attack_types": attack_types,
+        "missing_bbox": missing,
+        "bad_bbox": bad,
+        "prediction_lists": {str(p.relative_to(root)): len(read_prediction_list(p)[1])
+                             for p in find_prediction_lists(root)},
+    }
+    if verify_images:
+        with ThreadPoolExecutor(workers) as pool:
+            decodable = list(tqdm(pool.map(_can_decode, bbox_files, chunksize=64), total=len(bbox_files),
+                                  desc="decoding images"))
+        summary["unreadable"] = [p for p, ok in zip(table.paths(), decodable) if not ok]
+    return summary
+
+
+def print_summary(summary):
+    print(f"WFAS data at {summary['data_root']}")
+    print(f"  images     {summary['num_images']:>9}   live {summary['num_live']}, spoof {summary['num_spoof']}")
+    print(f"  subjects   {summary['num_subjects']:>9}")
+    print("  attack types:")
+    for name, count in summary["attack_types"].items():
+        print(f"    {name:<24}{count:>9}")
+    print(f"  images without a bbox file   {summary['missing_bbox']} (the whole image is used)")
+    print(f"  malformed bbox files         {summary['bad_bbox']} (the whole image is used)")
+    lists = summary["prediction_lists"]
+    print("  lists to predict: " + (", ".join(f"{k} ({v} images)" for k, v in lists.items()) or "none found"))
+    if "unreadable" in summary:
+        print(f"  unreadable images            {len(summary['unreadable'])}")
+        for path in summary["unreadable"][:20]:
+            print(f"    {path}")
+        if len(summary["unreadable"]) > 20:
+            print(f"    ... and {len(summary['unreadable']) - 20} more (see --json)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# make_demo: a generated dataset in the WFAS layout
+# ----------------------------------------------------------------------------------------------------------
+
+DEMO_ATTACK_TYPES = ("2D-Display-Pad", "2D-Display-Phone", "2D-Print-Album", "2D-Print-Newspaper",
+                     "2D-Print-Photo", "2D-Print-Poster", "3D-AdultDoll", "3D-GarageKit", "3D-Mask")
+DEMO_SIZE = 128
+
+
+def _demo_face(rng, identity, size=DEMO_SIZE):
+    """A live-looking face: shaded skin ellipse with eyes and mouth on a textured background, sensor noise.
+    Returns the float image (H, W, 3) and the 7 RetinaFace-style points."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = identity["background"] + 25 * np.sin(x[..., None] / rng.uniform(8, 30) + rng.uniform(0, 6))
+    half_w = identity["face_w"] * rng.uniform(0.92, 1.08)
+    half_h = half_w * 1.3
+    cx = size / 2 + rng.uniform(-12, 12)
+    cy = size / 2 + rng.uniform(-10, 10)
+    u, v = (x - cx) / half_w, (y - cy) / half_h
+    inside = u ** 2 + v ** 2 <= 1
+    light = rng.uniform(-0.6, 0.6)  # direction of the light across the face
+    shading = np.clip(0.75 + 0.35 * np.sqrt(np.clip(1 - u ** 2 - v ** 2, 0, 1)) + 0.15 * light * u, 0.3, 1.3)
+    image = np.where(inside[..., None], identity["skin"] * shading[..., None], background)
+    eyes = [(cx - 0.4 * half_w, cy - 0.25 * half_h), (cx + 0.4 * half_w, cy - 0.25 * half_h)]
+    for ex, ey in eyes:
+        image[((x - ex) / (0.16 * half_w)) ** 2 + ((y - ey) / (0.08 * half_h)) ** 2 <= 1] = identity["eye"]
+    nose = (cx, cy + 0.1 * half_h)
+    mouth = [(cx - 0.3 * half_w, cy + 0.5 * half_h), (cx + 0.3 * half_w, cy + 0.5 * half_h)]
+    image[(np.abs(y - mouth[0][1]) < 0.04 * half_h + 1) & (np.abs(x - cx) < 0.3 * half_w)] = identity["lips"]
+    image = image + rng.normal(0, rng.uniform(3, 7), image.shape)  # sensor noise: fine natural texture
+    box = [(cx - half_w, cy - half_h), (cx + half_w, cy + half_h)]
+    return image, np.array(box + eyes + [nose] + mouth), inside
+
+
+def _demo_identity(rng):
+    return {"background": rng.uniform(30, 220, 3), "face_w": rng.uniform(20, 28),
+            "skin": rng.uniform([150, 100, 70], [240, 190, 160]), "eye": rng.uniform(10, 70, 3),
+            "lips": rng.uniform([120, 30, 30], [200, 90, 90])}
+
+
+def _demo_attack(rng, attack_type, image, inside):
+    """Apply an attack's cue at a random strength: weak cues keep the demo from being trivially separable."""
+    size = image.shape[0]
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    strength = rng.uniform(0.3, 1.0)
+    if attack_type.startswith("2D-Print"):
+        period = rng.uniform(4.0, 7.0)
+        dots = np.cos(2 * np.pi * x / period) * np.cos(2 * np.pi * y / period)  # halftone screen
+        image = image * (1 - 0.2 * strength * (1 + dots[..., None]))
+        gray = image.mean(axis=2, keepdims=True)
+        image = gray + (1 - (0.7 if "Newspaper" in attack_type else 0.4) * strength) * (image - gray)
+        edge = int(rng.integers(4, 14))  # the paper's edge, where the photo ends
+        side = rng.integers(4)
+        paper = np.full(3, rng.uniform(200, 250))
+        if side == 0:
+            image[:, :edge] = paper
+        elif side == 1:
+            image[:, -edge:] = paper
+        elif side == 2:
+            image[:edge] = paper
+        else:
+            image[-edge:] = paper
+    elif attack_type.startswith("2D-Display"):
+        angle = rng.uniform(0, np.pi)
+        period = rng.uniform(5.0, 10.0)
+        moire = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+        image = image * (1 + 0.2 * strength * moire[..., None])
+        image = image + strength * np.array([-15.0, 0.0, 25.0])  # a display's blue cast
+        bezel = int(rng.integers(2, 8))
+        image[:bezel], image[-bezel:], image[:, :bezel], image[:, -bezel:] = 15, 15, 15, 15
+    else:  # 3D masks and dolls: flat, smooth shading, no skin texture, a specular highlight
+        smooth = image.copy()
+        for axis in (0, 1, 0, 1):
+            smooth = (np.roll(smooth, 1, axis) + smooth + np.roll(smooth, -1, axis)) / 3
+        levels = 24 - 12 * strength
+        flat = np.round(smooth / levels) * levels
+        blend = 0.5 + 0.5 * strength
+        image = np.where(inside[..., None], blend * flat + (1 - blend) * image, image)
+        cy, cx = np.argwhere(inside).mean(axis=0)
+        highlight = np.exp(-((x - cx + 6) ** 2 + (y - cy + 8) ** 2) / 30)
+        image = image + 80 * strength * highlight[..., None] * inside[..., None]
+    return image
+
+
+def _save_demo_image(image, points, path, rng):
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=95)
+    jitter = points + rng.normal(0, 1.0, points.shape)  # detector noise
+    path.with_suffix(".txt").write_text("".join(f"{px:.2f} {py:.2f}\n" for px, py in jitter))
+
+
+def make_demo(out_dir, subjects=60, seed=0, images_per_live=9, images_per_spoof=3, unlabelled=24):
+    """Write a small generated dataset in the WFAS release layout. Returns its root."""
+    rng = np.random.default_rng(seed)
+    root = Path(out_dir)
+    train = root / "Train"
+    count = 0
+    for s in range(subjects):
+        identity = _demo_identity(rng)
+        folder = train / "living" / f"{s:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(images_per_live):
+            image, points, _ = _demo_face(rng, identity)
+            _save_demo_image(image, points, folder / f"{i:03d}.jpg", rng)
+            count += 1
+    spoof_subjects = max(3, subjects // 2)
+    for attack_type in DEMO_ATTACK_TYPES:
+        for s in range(spoof_subjects):  # subject names repeat across attack types, as in WFAS
+            identity = _demo_identity(rng)
+            folder = train / "spoof" / attack_type / f"{s:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(images_per_spoof):
+                image, points, inside = _demo_face(rng, identity)
+                _save_demo_image(_demo_attack(rng, attack_type, image, inside), points, folder / f"{i:03d}.jpg", rng)
+                count += 1
+    # WFAS quirks a real release has: a face the detector missed, stray files that are not images
+    (train / "living" / "00000" / "000.txt").unlink()
+    (train / "living" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (train / "spoof" / "notes.md").write_text("collected 2022\n")
+    for name in ("Dev", "Test"):
+        data = root / name / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i in range(unlabelled):
+            image, points, inside = _demo_face(rng, _demo_identity(rng))
+            if i % 2:
+                image = _demo_attack(rng, DEMO_ATTACK_TYPES[i % len(DEMO_ATTACK_TYPES)], image, inside)
+            names.append(f"{i:06d}.jpg")
+            _save_demo_image(image, points, data / names[-1], rng)
+        (root / name / f"{name}.txt").write_text("".join(n + "\n" for n in names))
+    return root, count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("make_demo", help="write a generated dataset in the WFAS layout")
+    demo.add_argument("out_dir", help="folder to write (it gets Train/, Dev/ and Test/)")
+    demo.add_argument("--subjects", type=int, default=60, help="live subjects; each attack type gets half as many")
+    demo.add_argument("--seed", type=int, default=0)
+    check = commands.add_parser("check", help="summarise a dataset before a long run")
+    check.add_argument("--data_root", required=True, help="WFAS folder (holding Train/), Train/ itself, or a "
+                                                          "labelled list file")
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    check.add_argument("--verify_images", action="store_true", help="also decode every image")
+    check.add_argument("--workers", type=int, default=16, help="threads for reading files")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "make_demo":
+        if args.subjects < 3:
+            raise UserError(f"--subjects {args.subjects}: need at least 3 so that train, val and test get one each")
+        root, count = make_demo(args.out_dir, subjects=args.subjects, seed=args.seed)
+        print(f"Wrote a generated demo dataset (not real faces) with {count} training images to {root}")
+    else:
+        summary = check_dataset(args.data_root, args.verify_images, args.workers)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print_summary(summary)
+
+
+if __name__ == "__main__":
+    run_cli(main)
