@@ -131,11 +131,11 @@ def network_reachable(model_name):
         return True  # behind a proxy a direct connection says nothing; let the download try
     cfg = timm.get_pretrained_cfg(model_name)
     url = huggingface_hub.constants.ENDPOINT if cfg and cfg.hf_hub_id else (cfg.url if cfg else "")
-    host = urlparse(url).hostname
-    if not host:
+    parsed = urlparse(url)
+    if not parsed.hostname:
         return True
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=5).close()
         return True
     except OSError:
         return False
@@ -308,7 +308,7 @@ def main(argv=None):
 
     def loader(dataset, train=False):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, drop_last=train,
-                                           num_workers=args.num_workers, pin_memory=True,
+                                           num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                                            persistent_workers=train and args.num_workers > 0)
 
     train_loader, val_loader = loader(datasets["train"], train=True), loader(datasets["val"])
@@ -430,6 +430,7 @@ def main(argv=None):
         "num_train_images": len(splits["train"]),
         "wall_time_s": round(time.time() - start_time, 1),
         "images_per_second": round(train_images / train_seconds, 1) if train_seconds else None,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
     }
     if accelerator.is_main_process:
         write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])

@@ -160,11 +160,11 @@ def network_reachable(model_name):
         return True  # behind a proxy a direct connection says nothing; let the download try
     cfg = timm.get_pretrained_cfg(model_name)
     url = huggingface_hub.constants.ENDPOINT if cfg and cfg.hf_hub_id else (cfg.url if cfg else "")
-    host = urlparse(url).hostname
-    if not host:
+    parsed = urlparse(url)
+    if not parsed.hostname:
         return True
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=5).close()
         return True
     except OSError:
         return False
@@ -483,18 +483,20 @@ def main(argv=None):
     if log_file:
         logger.info(f"Logging to {log_file}")
 
-    def loader(dataset):
-        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                           pin_memory=True)
+    workers = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
 
-    workers = dict(num_workers=args.num_workers, pin_memory=True, persistent_workers=args.num_workers > 0)
+    def loader(dataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, **workers)
+
     train_sampler = None
+    persistent = args.num_workers > 0
     if args.balanced_sampling:
         train_sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed)
-        train_loader = torch.utils.data.DataLoader(datasets["train"], batch_sampler=train_sampler, **workers)
+        train_loader = torch.utils.data.DataLoader(datasets["train"], batch_sampler=train_sampler,
+                                                   persistent_workers=persistent, **workers)
     else:
         train_loader = torch.utils.data.DataLoader(datasets["train"], batch_size=args.batch_size, shuffle=True,
-                                                   drop_last=True, **workers)
+                                                   drop_last=True, persistent_workers=persistent, **workers)
     if len(train_loader) == 0:
         raise UserError(f"the train split has {len(datasets['train'])} images, fewer than one batch of "
                         f"{args.batch_size}; lower --batch_size")
@@ -626,6 +628,7 @@ def main(argv=None):
         "model_name": args.model_name, "img_size": img_size,
         "wall_time_s": round(time.time() - start_time, 1),
         "images_per_second": round(train_images / train_seconds, 1) if train_seconds else None,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
     }
     logger.info(f"Best epoch {results['best_epoch']}: val {wfas_data.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test)}")

@@ -627,7 +627,7 @@ def _save_demo_image(image, points, path, rng):
     path.with_suffix(".txt").write_text("".join(f"{px:.2f} {py:.2f}\n" for px, py in jitter))
 
 
-def make_demo(out_dir, subjects=60, seed=0, images_per_live=9, images_per_spoof=3, unlabelled=24):
+def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof=1, unlabelled=24):
     """Write a small generated dataset in the WFAS release layout. Returns its root."""
     rng = np.random.default_rng(seed)
     root = Path(out_dir)
@@ -678,7 +678,7 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("make_demo", help="write a generated dataset in the WFAS layout")
     demo.add_argument("out_dir", help="folder to write (it gets Train/, Dev/ and Test/)")
-    demo.add_argument("--subjects", type=int, default=60, help="live subjects; each attack type gets half as many")
+    demo.add_argument("--subjects", type=int, default=150, help="live subjects; each attack type gets half as many")
     demo.add_argument("--seed", type=int, default=0)
     check = commands.add_parser("check", help="summarise a dataset before a long run")
     check.add_argument("--data_root", required=True, help="WFAS folder (holding Train/), Train/ itself, or a "

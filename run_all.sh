@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# One command from data to results: stage 1 (ConvNeXt teacher + soft labels), then stage 2 (MaxViT student).
+#
+#   bash run_all.sh                                   # the demo: generated data, small models, any device
+#   bash run_all.sh --data_root /path/to/WFAS [--output_dir EXP]     # the real recipe
+#
+# Each stage runs under `accelerate launch`, so your accelerate config (GPUs, nodes, mixed precision)
+# applies; ACCELERATE_ARGS adds launcher flags, e.g. ACCELERATE_ARGS="--num_processes 8 --mixed_precision bf16".
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+
+usage() {
+  cat <<'EOF'
+usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --stage2_only]
+                       [--soft_labels_path P] [--stage1_args "..."] [--stage2_args "..."]
+                       [--config_stage1 F.json] [--config_stage2 F.json]
+
+With no --data_root it runs the demo: generated data (demo_data/), small models, results in demo_output/.
+With --data_root it runs the recipe: convnext_base 50 epochs, then maxvit_base_tf_224 30 epochs, pretrained.
+  --output_dir EXP          experiment folder (default: experiments/wfas, or demo_output for the demo)
+  --stage1_only             train the teacher and write soft labels, then stop
+  --stage2_only             train the student on an existing EXP (split.csv and soft labels)
+  --soft_labels_path P      soft labels for stage 2 (default: EXP/stage1_soft_labels.pth)
+  --stage1_args "..."       flags appended to stage 1's command (they win over the defaults)
+  --stage2_args "..."       flags appended to stage 2's command
+  --config_stage1 F.json    a JSON config for stage 1 (see train_stage1.py --help)
+  --config_stage2 F.json    a JSON config for stage 2
+Environment: ACCELERATE_ARGS (launcher flags), PYTHON (default: python), DEMO_SUBJECTS (demo size, default 150).
+EOF
+}
+
+fail() { echo "run_all.sh: $*" >&2; exit 2; }
+
+DATA_ROOT="" OUTPUT_DIR="" STAGE1_ONLY=0 STAGE2_ONLY=0 SOFT_LABELS="" STAGE1_ARGS="" STAGE2_ARGS=""
+CONFIG1="" CONFIG2=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --stage1_only) STAGE1_ONLY=1; shift; continue ;;
+    --stage2_only) STAGE2_ONLY=1; shift; continue ;;
+    --data_root|--output_dir|--soft_labels_path|--stage1_args|--stage2_args|--config_stage1|--config_stage2)
+      [[ $# -ge 2 ]] || fail "$1 needs a value (see --help)" ;;
+    *) fail "unknown option '$1' (see bash run_all.sh --help)" ;;
+  esac
+  case "$1" in
+    --data_root) DATA_ROOT="$2" ;;
+    --output_dir) OUTPUT_DIR="$2" ;;
+    --soft_labels_path) SOFT_LABELS="$2" ;;
+    --stage1_args) STAGE1_ARGS="$2" ;;
+    --stage2_args) STAGE2_ARGS="$2" ;;
+    --config_stage1) CONFIG1="$2" ;;
+    --config_stage2) CONFIG2="$2" ;;
+  esac
+  shift 2
+done
+[[ $STAGE1_ONLY == 1 && $STAGE2_ONLY == 1 ]] && fail "--stage1_only and --stage2_only exclude each other"
+[[ -n $SOFT_LABELS && $STAGE1_ONLY == 1 ]] && fail "--soft_labels_path is for stage 2; it makes no sense with --stage1_only"
+for config in "$CONFIG1" "$CONFIG2"; do
+  [[ -z $config || -f $config ]] || fail "config file $config does not exist"
+done
+
+STAGE1=() STAGE2=()
+if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
+  DEMO=1
+  DATA_ROOT="demo_data"
+  OUTPUT_DIR="${OUTPUT_DIR:-demo_output}"
+  echo "=== DEMO: a small run on GENERATED data (not real faces), to check the pipeline end to end ==="
+  echo "=== For WFAS: bash run_all.sh --data_root /path/to/WFAS                                     ==="
+  if [[ ! -d $DATA_ROOT/Train ]]; then
+    "$PYTHON" "$HERE/wfas_data.py" make_demo "$DATA_ROOT" --subjects "${DEMO_SUBJECTS:-150}"
+  fi
+  # A ConvNeXt trained from scratch needs far more epochs than a CPU demo has; ResNet-18 learns the demo's
+  # cues in a few. The real recipe's teacher is convnext_base, pretrained.
+  STAGE1=(--model_name resnet18 --no-pretrained --img_size 64 --num_epochs 5 --learning_rate 1e-3 --num_workers 1)
+  STAGE2=(--model_name maxvit_rmlp_pico_rw_256 --no-pretrained --img_size 64 --num_epochs 7 --learning_rate 1e-3
+          --num_workers 1)
+else
+  DEMO=0
+  OUTPUT_DIR="${OUTPUT_DIR:-experiments/wfas}"
+fi
+[[ -n $DATA_ROOT ]] && STAGE1+=(--data_root "$DATA_ROOT") && STAGE2+=(--data_root "$DATA_ROOT")
+STAGE1+=(--output_dir "$OUTPUT_DIR")
+STAGE2+=(--output_dir "$OUTPUT_DIR")
+[[ -n $CONFIG1 ]] && STAGE1=(--config "$CONFIG1" "${STAGE1[@]}")
+[[ -n $CONFIG2 ]] && STAGE2=(--config "$CONFIG2" "${STAGE2[@]}")
+[[ -n $SOFT_LABELS ]] && STAGE2+=(--soft_labels_path "$SOFT_LABELS")
+# the challenge lists shipped next to Train/ are scored into EXP/submission.txt
+LISTS=()
+ROOT="${DATA_ROOT%/}"; [[ $(basename "$ROOT") == Train ]] && ROOT="$(dirname "$ROOT")"
+for name in Dev Test; do
+  [[ -n $ROOT && -f $ROOT/$name/$name.txt ]] && LISTS+=("$ROOT/$name/$name.txt")
+done
+[[ ${#LISTS[@]} -gt 0 ]] && STAGE2+=(--predict_lists "${LISTS[@]}")
+# shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
+STAGE1+=($STAGE1_ARGS)
+# shellcheck disable=SC2206
+STAGE2+=($STAGE2_ARGS)
+
+mkdir -p "$OUTPUT_DIR"
+START_TIME="$(date -Iseconds)"
+COMMAND_LINE="bash run_all.sh $*"
+STATUS1="skipped" STATUS2="skipped" SECONDS1="" SECONDS2=""
+
+write_experiment_info() {
+  "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" <<'EOF'
+import json, os, platform, subprocess, sys, datetime
+import accelerate, timm, torch
+out, start, command, status1, seconds1, status2, seconds2, here = sys.argv[1:]
+def results(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else {}
+def stage(status, seconds, result):
+    return {"exit_status": status, "wall_time_s": float(seconds) if seconds else None,
+            "images_per_second": result.get("images_per_second")}
+commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+s1, s2 = results("stage1_results.json"), results("final_results.json")
+info = {
+    "start_time": start, "end_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    "command_line": command, "git_commit": commit or None,
+    "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                 "accelerate": accelerate.__version__},
+    "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [platform.processor() or "cpu"],
+    "num_processes": s2.get("num_processes", s1.get("num_processes")),
+    "mixed_precision": s2.get("mixed_precision", s1.get("mixed_precision")),
+    "accelerate_args": os.environ.get("ACCELERATE_ARGS", ""),
+    "stage1": stage(status1, seconds1, s1), "stage2": stage(status2, seconds2, s2),
+}
+tmp = os.path.join(out, "experiment_info.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+os.replace(tmp, os.path.join(out, "experiment_info.json"))
+EOF
+}
+
+run_stage() {  # run_stage N script args...: launch one stage, stop everything if it fails
+  local n="$1" script="$2"; shift 2
+  local began=$SECONDS status=0
+  echo "=== Stage $n: accelerate launch ${ACCELERATE_ARGS:-} $script $* ==="
+  # shellcheck disable=SC2086  # ACCELERATE_ARGS holds several launcher flags
+  accelerate launch ${ACCELERATE_ARGS:-} "$HERE/$script" "$@" || status=$?
+  printf -v "SECONDS$n" "%s" "$((SECONDS - began))"
+  if [[ $status -ne 0 ]]; then
+    printf -v "STATUS$n" "%s" "failed ($status)"
+    write_experiment_info || true
+    echo "run_all.sh: stage $n failed (exit $status); its log is the newest $OUTPUT_DIR/logs/stage$n/stage${n}_training_*.log" >&2
+    exit "$status"
+  fi
+  printf -v "STATUS$n" "%s" "ok"
+}
+
+command -v accelerate >/dev/null || fail "accelerate is not installed: pip install -r requirements.txt"
+[[ $STAGE2_ONLY == 1 ]] || run_stage 1 train_stage1.py "${STAGE1[@]}"
+[[ $STAGE1_ONLY == 1 ]] || run_stage 2 train_stage2.py "${STAGE2[@]}"
+write_experiment_info
+
+"$PYTHON" - "$OUTPUT_DIR" "$DEMO" <<'EOF'
+import json, os, sys
+out, demo = sys.argv[1], sys.argv[2] == "1"
+print("\n=== Results" + (" of the DEMO on generated data" if demo else "") + " ===")
+final = os.path.join(out, "final_results.json")
+if os.path.exists(final):
+    r = json.load(open(final))
+    print(f"test ACC {r['test_acc']:.4f}  ACER {r['test_acer']:.4f}  APCER {r['test_apcer']:.4f}  "
+          f"BPCER {r['test_bpcer']:.4f}  AUC {r['test_auc']:.4f}  on {r['num_test_images']} images, "
+          f"at the val threshold {r['threshold']:.4f}")
+    if r.get("teacher_test_acer") is not None:
+        print(f"stage 1 teacher test ACER {r['teacher_test_acer']:.4f}")
+elif os.path.exists(os.path.join(out, "stage1_results.json")):
+    r = json.load(open(os.path.join(out, "stage1_results.json")))["test"]
+    print(f"stage 1 teacher: test ACC {r['acc']:.4f}  ACER {r['acer']:.4f}  AUC {r['auc']:.4f}")
+print(f"\nOutputs in {out}/:")
+for name, what in [("final_results.json", "final test metrics"), ("stage1_results.json", "teacher metrics"),
+                   ("stage1_soft_labels.pth", "soft labels {path: [prob_spoof, prob_live]}"),
+                   ("stage2_test_predictions.csv", "per-image test scores"), ("split.csv", "the split"),
+                   ("submission.txt", "challenge submission (and submission.zip)"),
+                   ("checkpoints", "stage1_best / stage2_best weights and resumable states"),
+                   ("logs", "training logs"), ("experiment_info.json", "versions, devices, timings")]:
+    if os.path.exists(os.path.join(out, name)):
+        print(f"  {name:<28} {what}")
+EOF

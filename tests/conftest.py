@@ -1,0 +1,58 @@
+"""Shared fixtures: one small generated dataset and one tiny run of each stage, reused across tests."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import train_stage1  # noqa: E402
+import train_stage2  # noqa: E402
+import wfas_data  # noqa: E402
+
+TINY_STAGE1 = ["--model_name", "convnext_atto", "--no-pretrained", "--img_size", "64", "--num_epochs", "1",
+               "--batch_size", "8", "--num_workers", "0", "--learning_rate", "1e-3"]
+TINY_STAGE2 = ["--model_name", "maxvit_rmlp_pico_rw_256", "--no-pretrained", "--img_size", "64",
+               "--num_epochs", "1", "--batch_size", "8", "--num_workers", "0", "--learning_rate", "1e-3"]
+
+
+def run_script(args, env=None, timeout=600):
+    """Run a command from the repository root; returns the CompletedProcess (text, both streams)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_two_processes(script, args):
+    """Two real gloo processes on CPU (accelerate launch --cpu would silently run one)."""
+    return run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", "29531", str(REPO / script), *args], env={"ACCELERATE_USE_CPU": "1"})
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "WFAS"
+    wfas_data.make_demo(root, subjects=12, seed=1, unlabelled=6)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stage1_run(demo_root, tmp_path_factory):
+    exp = tmp_path_factory.mktemp("exp") / "EXP"
+    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1])
+    return exp, results
+
+
+@pytest.fixture(scope="session")
+def stage2_run(stage1_run, demo_root, tmp_path_factory):
+    """A copy of the stage 1 experiment, then stage 2 on it with the Dev/Test lists."""
+    exp = tmp_path_factory.mktemp("exp2") / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    results = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2, "--predict_lists",
+                                 str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")])
+    return exp, results

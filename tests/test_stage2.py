@@ -1,0 +1,183 @@
+import csv
+import json
+import shutil
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+from conftest import TINY_STAGE2, launch_two_processes, run_script
+import train_stage2
+import wfas_data
+from wfas_data import UserError
+
+
+def read_predictions(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows]),
+            np.array([r["attack_type"] for r in rows]), np.array([float(r["score"]) for r in rows]))
+
+
+def split_paths(exp, name):
+    with open(exp / "split.csv") as f:
+        return [row["path"] for row in csv.DictReader(f) if row["split"] == name]
+
+
+def test_outputs_exist_in_their_formats(stage2_run):
+    exp, results = stage2_run
+    best = exp / "checkpoints" / "stage2" / "stage2_best.safetensors"
+    with safe_open(best, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["model_name"] == "maxvit_rmlp_pico_rw_256" and metadata["img_size"] == "64"
+    assert (exp / "checkpoints" / "stage2" / "stage2_latest" / "training_state.json").is_file()
+    assert json.loads((exp / "stage2_config.json").read_text())["triplet_weight"] == 0.5
+    log = max((exp / "logs" / "stage2").glob("stage2_training_*.log")).read_text()
+    assert "focal" in log and "triplet" in log and "kd" in log and "0 fall back to their hard label" in log
+    final = json.loads((exp / "final_results.json").read_text())
+    for key in ("test_acc", "test_acer", "test_apcer", "test_bpcer", "test_auc", "test_apcer_per_attack",
+                "threshold", "val_acer", "best_epoch", "num_test_images", "teacher_test_acer"):
+        assert key in final, key
+    assert final["teacher_test_acer"] == json.loads((exp / "stage1_results.json").read_text())["test"]["acer"]
+    assert results["test_acc"] == final["test_acc"] and results["test_acer"] == final["test_acer"]
+
+
+def test_final_results_agree_with_the_prediction_csvs(stage2_run):
+    exp, _ = stage2_run
+    final = json.loads((exp / "final_results.json").read_text())
+    val_paths, val_labels, val_types, val_scores = read_predictions(exp / "stage2_val_predictions.csv")
+    test_paths, test_labels, test_types, test_scores = read_predictions(exp / "stage2_test_predictions.csv")
+    assert sorted(val_paths) == sorted(split_paths(exp, "val"))
+    assert sorted(test_paths) == sorted(split_paths(exp, "test"))
+    # the threshold is the val EER point (scores are rounded to 6 digits in the CSV)
+    assert final["threshold"] == pytest.approx(wfas_data.eer_threshold(val_scores, val_labels), abs=1e-5)
+    test = wfas_data.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
+    assert final["test_acer"] == pytest.approx(test["acer"]) and final["test_acc"] == pytest.approx(test["acc"])
+    assert final["test_apcer_per_attack"] == pytest.approx(test["apcer_per_attack"])
+    assert final["num_test_images"] == len(test_paths)
+
+
+def test_submission_order_and_format(stage2_run, demo_root):
+    exp, results = stage2_run
+    lines = (exp / "submission.txt").read_text().splitlines()
+    dev = (demo_root / "Dev" / "Dev.txt").read_text().split()
+    test = (demo_root / "Test" / "Test.txt").read_text().split()
+    assert [line.split()[0] for line in lines] == [f"dev/{n}" for n in dev] + [f"test/{n}" for n in test]
+    assert all(0 <= float(line.split()[1]) <= 1 and len(line.split()) == 2 for line in lines)
+    with zipfile.ZipFile(exp / "submission.zip") as zf:
+        assert zf.namelist() == ["submission.txt"]
+        assert zf.read("submission.txt").decode() == (exp / "submission.txt").read_text()
+    assert results["submission_path"] == str(exp / "submission.txt")
+
+
+def test_predict_only_reproduces_the_submission_whatever_the_list_order(stage2_run, demo_root, tmp_path):
+    exp, _ = stage2_run
+    out = tmp_path / "PRED"
+    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(out),
+                         "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
+                         "--num_workers", "0", "--predict_lists", str(demo_root / "Test" / "Test.txt"),
+                         str(demo_root / "Dev" / "Dev.txt")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [line.split() for line in (exp / "submission.txt").read_text().splitlines()]
+    got = [line.split() for line in (out / "submission.txt").read_text().splitlines()]
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert np.allclose([float(g[1]) for g in got], [float(e[1]) for e in expected], atol=1e-5)
+
+
+def test_predict_only_without_a_checkpoint_is_a_clear_error(tmp_path, demo_root):
+    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(tmp_path),
+                         "--predict_lists", str(demo_root / "Dev" / "Dev.txt")])
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_split_says_to_run_stage_1(tmp_path, demo_root):
+    result = run_script([sys.executable, "train_stage2.py", "--output_dir", str(tmp_path), "--data_root",
+                         str(demo_root), *TINY_STAGE2])
+    assert result.returncode == 2 and "run stage 1 first" in result.stderr and "Traceback" not in result.stderr
+
+
+def splits_of(exp, demo_root):
+    table = wfas_data.read_split_csv(exp / "split.csv", demo_root)
+    return {name: table.of_split(name) for name in wfas_data.SPLITS}
+
+
+def test_foreign_soft_labels_are_refused(stage1_run, demo_root, tmp_path):
+    exp = stage1_run[0]
+    splits = splits_of(exp, demo_root)
+    soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
+
+    with_val = {**soft_labels, splits["val"].paths()[0]: [0.5, 0.5]}
+    torch.save(with_val, tmp_path / "with_val.pth")
+    with pytest.raises(UserError, match="val/test images"):
+        train_stage2.load_soft_labels(tmp_path / "with_val.pth", splits)
+
+    partial = dict(list(soft_labels.items())[: len(soft_labels) // 2])
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="< 99%"):
+        train_stage2.load_soft_labels(tmp_path / "partial.pth", splits)
+
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="not a soft-label file"):
+        train_stage2.load_soft_labels(tmp_path / "list.pth", splits)
+
+
+def table_of(paths, labels, split):
+    n = len(paths)
+    return wfas_data.SampleTable(root=".", path=np.array([p.encode() for p in paths]), label=np.array(labels, np.int8),
+                                 attack_type=np.array([b"x"] * n), subject=np.array([b"s"] * n),
+                                 has_bbox=np.ones(n, bool), split=np.full(n, split, np.int8))
+
+
+def test_soft_labels_align_with_the_train_dataset_and_fall_back_to_hard_labels(tmp_path):
+    paths = [f"img{i}.jpg" for i in range(200)]
+    labels = [i % 2 for i in range(200)]
+    splits = {"train": table_of(paths, labels, 0), "val": table_of(["v.jpg"], [1], 1),
+              "test": table_of(["t.jpg"], [0], 2)}
+    soft_labels = {p: [0.25, 0.75] for p in reversed(paths[1:])}  # order of the file does not matter
+    torch.save(soft_labels, tmp_path / "s.pth")
+    targets, fallbacks = train_stage2.load_soft_labels(tmp_path / "s.pth", splits)
+    assert fallbacks == 1 and targets.shape == (200, 2)
+    assert targets[0].tolist() == [1.0, 0.0]  # img0 is spoof: its hard label
+    assert torch.allclose(targets[1:], torch.tensor([0.25, 0.75]))
+    del soft_labels["img5.jpg"], soft_labels["img6.jpg"]  # 3 of 200 missing: under 99%
+    torch.save(soft_labels, tmp_path / "s.pth")
+    with pytest.raises(UserError, match="< 99%"):
+        train_stage2.load_soft_labels(tmp_path / "s.pth", splits)
+
+
+def test_balanced_batches_hold_both_classes_and_depend_only_on_seed_and_epoch():
+    labels = np.array([1] * 10 + [0] * 30)
+    sampler = train_stage2.BalancedBatchSampler(labels, batch_size=8, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    for batch in batches:
+        assert (labels[batch] == 1).sum() == 4 and (labels[batch] == 0).sum() == 4
+    other_process = train_stage2.BalancedBatchSampler(labels, batch_size=8, seed=0)
+    assert list(other_process) == batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_logits_and_embedding_come_from_one_forward():
+    net = timm.create_model("maxvit_rmlp_pico_rw_256", num_classes=2, img_size=64).eval()
+    model = train_stage2.LogitsAndEmbedding(net)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, embedding = model(images)
+        assert torch.allclose(logits, net(images), atol=1e-5)
+    assert embedding.shape == (2, net.num_features)
+
+
+def test_two_processes_count_every_test_image_once(stage1_run, demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    result = launch_two_processes("train_stage2.py", ["--output_dir", str(exp), *TINY_STAGE2, "--batch_size", "6"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    test_paths = read_predictions(exp / "stage2_test_predictions.csv")[0]
+    assert sorted(test_paths) == sorted(split_paths(exp, "test"))  # no padding duplicates, nothing lost
+    assert json.loads((exp / "final_results.json").read_text())["num_test_images"] == len(split_paths(exp, "test"))

@@ -1,0 +1,282 @@
+import io
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+import wfas_data
+from wfas_data import LIVE, SPOOF, UserError
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def write_bbox(path, box=(20, 20, 60, 70)):
+    x1, y1, x2, y2 = box
+    points = [(x1, y1), (x2, y2), (30, 35), (50, 35), (40, 45), (32, 58), (48, 58)]
+    path.write_text("".join(f"{x} {y}\n" for x, y in points))
+
+
+def make_tree(root, live_subjects=3, spoof_types=("2D-Print-Photo", "3D-Mask"), images=2):
+    """A minimal WFAS tree of flat grey images with bbox files."""
+    for s in range(live_subjects):
+        for i in range(images):
+            folder = root / "Train" / "living" / f"s{s}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (80, 90), (120, 100, 90)).save(folder / f"{i}.jpg")
+            write_bbox(folder / f"{i}.txt")
+    for attack in spoof_types:
+        for s in range(live_subjects):
+            folder = root / "Train" / "spoof" / attack / f"s{s}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(images):
+                Image.new("RGB", (80, 90), (90, 100, 120)).save(folder / f"{i}.jpg")
+                write_bbox(folder / f"{i}.txt")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- bbox and crop
+
+@pytest.mark.parametrize("box", [(60, 70, 20, 20), (-30, -40, 50, 60), (40, 50, 500, 600), (20, 70, 60, 20)])
+def test_crop_box_normalises_reversed_negative_and_outside_boxes(box):
+    points = np.array([box[:2], box[2:]] + [(0, 0)] * 5, dtype=float)
+    left, top, right, bottom = wfas_data.face_crop_box(points, 80, 90, scale=1.5)
+    assert 0 <= left < right <= 80 and 0 <= top < bottom <= 90
+    assert right - left == pytest.approx(bottom - top)  # square
+
+
+def test_crop_box_expands_by_scale_and_stays_centred():
+    points = np.array([(30, 30), (50, 50)] + [(0, 0)] * 5, dtype=float)
+    assert wfas_data.face_crop_box(points, 200, 200, scale=1.5) == pytest.approx((25, 25, 55, 55))
+
+
+def test_crop_box_without_usable_box_is_the_whole_image():
+    assert wfas_data.face_crop_box(None, 80, 90) == (0, 0, 80, 90)
+    degenerate = np.array([(200, 200), (300, 300)] + [(0, 0)] * 5, dtype=float)  # entirely outside
+    assert wfas_data.face_crop_box(degenerate, 80, 90) == (0, 0, 80, 90)
+
+
+@pytest.mark.parametrize("text", ["", "1 2\n3 4\n", "a b\n" * 7, "1 2 3\n" * 7, "nan 1\n" + "1 2\n" * 6])
+def test_malformed_bbox_files_read_as_none(tmp_path, text):
+    (tmp_path / "x.txt").write_text(text)
+    assert wfas_data.read_bbox(tmp_path / "x.txt") is None
+
+
+def test_missing_bbox_file_reads_as_none_and_valid_one_parses(tmp_path):
+    assert wfas_data.read_bbox(tmp_path / "missing.txt") is None
+    write_bbox(tmp_path / "ok.txt")
+    assert wfas_data.read_bbox(tmp_path / "ok.txt").shape == (7, 2)
+
+
+# ---------------------------------------------------------------------------------------------- image quirks
+
+def dataset_of(folder, names, img_size=32):
+    table = wfas_data.unlabelled_table(folder, names)
+    return wfas_data.FaceDataset(table, img_size, MEAN, STD)
+
+
+def test_grayscale_cmyk_and_png_named_jpg_decode_to_rgb(tmp_path):
+    Image.new("L", (64, 64), 128).save(tmp_path / "gray.jpg")
+    Image.new("CMYK", (64, 64), (0, 50, 100, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (10, 20, 30, 255)).save(tmp_path / "png.jpg", format="PNG")
+    dataset = dataset_of(tmp_path, ["gray.jpg", "cmyk.jpg", "png.jpg"])
+    for item in dataset:
+        assert item["ok"], item["error"]
+        assert item["image"].shape == (3, 32, 32)
+
+
+def test_exif_rotation_is_applied_before_the_bbox_crop(tmp_path):
+    # Stored 100x60 landscape with orientation 6 (rotate 90 clockwise): the upright image is 60x100.
+    # The bbox is in upright coordinates around a red square at the top of the upright image.
+    upright = Image.new("RGB", (60, 100), (0, 0, 255))
+    upright.paste((255, 0, 0), (20, 5, 40, 25))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # undo of orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    (tmp_path / "rotated.txt").write_text("20 5\n40 25\n" + "30 15\n" * 5)
+    face = wfas_data.load_face(tmp_path / "rotated.jpg", face_crop_scale=1.0)
+    r, g, b = np.asarray(face).reshape(-1, 3).mean(axis=0)
+    assert face.size == (20, 20) and r > 200 and b < 60
+
+
+def test_large_jpeg_is_decoded_reduced_but_crops_the_same_region(tmp_path):
+    image = Image.new("RGB", (800, 800), (0, 0, 255))
+    image.paste((255, 0, 0), (200, 200, 600, 600))
+    image.save(tmp_path / "big.jpg", quality=95)
+    (tmp_path / "big.txt").write_text("200 200\n600 600\n" + "400 400\n" * 5)
+    face = wfas_data.load_face(tmp_path / "big.jpg", face_crop_scale=1.0, min_side=64)
+    assert 64 <= face.size[0] < 400  # decoded at a reduced scale, still at least min_side
+    r, g, b = np.asarray(face).reshape(-1, 3).mean(axis=0)
+    assert r > 200 and b < 60
+
+
+def test_truncated_and_empty_images_are_reported_not_raised(tmp_path):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.jpg")
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    good, truncated, empty = dataset_of(tmp_path, ["good.jpg", "truncated.jpg", "empty.jpg"])
+    assert good["ok"]
+    for item, name in ((truncated, "truncated.jpg"), (empty, "empty.jpg")):
+        assert not item["ok"] and name in item["error"]
+        assert torch.equal(item["image"], torch.zeros(3, 32, 32))
+
+
+def test_index_ignores_non_images_and_counts_missing_bbox(tmp_path):
+    root = make_tree(tmp_path / "WFAS")
+    (root / "Train" / "living" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "Train" / "living" / "s0" / "notes.md").write_text("hi")
+    (root / "Train" / "living" / "s0" / "0.txt").unlink()
+    table = wfas_data.index_wfas(root)
+    assert len(table) == 18
+    assert not any(p.endswith((".md", ".DS_Store", ".txt")) for p in table.paths())
+    assert int((~table.has_bbox).sum()) == 1
+    assert set(np.unique(table.attack_type)) == {b"live", b"2D-Print-Photo", b"3D-Mask"}
+    # the same subject folder name under two attack types is two subjects
+    assert len(np.unique(np.char.add(table.attack_type, table.subject))) == 9
+
+
+def test_data_root_may_be_train_itself(tmp_path):
+    root = make_tree(tmp_path / "WFAS")
+    assert wfas_data.resolve_data_root(root / "Train") == root
+    assert len(wfas_data.index_wfas(root / "Train")) == len(wfas_data.index_wfas(root))
+
+
+def test_labelled_list_file(tmp_path):
+    root = make_tree(tmp_path / "WFAS")
+    lines = ["Train/living/s0/0.jpg 1", "Train/spoof/3D-Mask/s1/0.jpg 0 3D-Mask", "# comment", ""]
+    (root / "list.txt").write_text("\n".join(lines))
+    table = wfas_data.index_dataset(root / "list.txt")
+    assert table.paths() == ["Train/living/s0/0.jpg", "Train/spoof/3D-Mask/s1/0.jpg"]
+    assert table.label.tolist() == [LIVE, SPOOF]
+    assert table.attack_types() == ["live", "3D-Mask"]
+    (root / "bad.txt").write_text("Train/living/s0/0.jpg live\n")
+    with pytest.raises(UserError, match="bad.txt:1"):
+        wfas_data.index_dataset(root / "bad.txt")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+def test_split_is_subject_disjoint_stratified_and_deterministic(demo_root):
+    table = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3)
+    again = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3)
+    other = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=4)
+    assert np.array_equal(table.split, again.split)
+    assert not np.array_equal(table.split, other.split)
+    subjects = np.char.add(table.attack_type, table.subject)
+    for subject in np.unique(subjects):
+        assert len(np.unique(table.split[subjects == subject])) == 1
+    for attack_type in np.unique(table.attack_type):  # every type is in train and in the held-out splits
+        splits = set(table.split[table.attack_type == attack_type].tolist())
+        assert 0 in splits and splits & {1, 2}
+    val_share = (table.split == 1).mean()
+    assert 0.1 < val_share < 0.35
+
+
+def test_split_csv_is_written_once_and_reused(demo_root, tmp_path):
+    table = wfas_data.load_or_create_split(demo_root, tmp_path, 0.1, 0.1, seed=0, log=lambda _: None)
+    text = (tmp_path / "split.csv").read_text()
+    assert text.splitlines()[0] == "path,label,attack_type,subject,split"
+    reused = wfas_data.load_or_create_split(demo_root, tmp_path, 0.5, 0.3, seed=9, log=lambda _: None)
+    assert (tmp_path / "split.csv").read_text() == text
+    assert reused.paths() == table.paths() and np.array_equal(reused.split, table.split)
+    assert all((demo_root / p).is_file() for p in reused.paths())
+
+
+def test_datasets_of_a_split_give_normalised_crops(demo_root, tmp_path):
+    table = wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None)
+    datasets = wfas_data.build_datasets(table, 48, MEAN, STD)
+    assert sum(len(d) for d in datasets.values()) == len(table)
+    item = datasets["train"][0]
+    assert item["image"].shape == (3, 48, 48) and item["ok"] and item["label"] in (0, 1)
+    first, second = datasets["val"][0]["image"], datasets["val"][0]["image"]
+    assert torch.equal(first, second)  # evaluation is deterministic
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_missing_data_root_is_one_line_exit_2(tmp_path):
+    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path / "nope")])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_or_wrong_folder_is_one_line_exit_2(tmp_path):
+    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path)])
+    assert result.returncode == 2 and "Train/living" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "Train" / "living").mkdir(parents=True)
+    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path)])
+    assert result.returncode == 2 and "no images found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_class_only_is_refused_for_training(tmp_path):
+    root = make_tree(tmp_path / "WFAS", spoof_types=())
+    with pytest.raises(UserError, match="0 spoof"):
+        wfas_data.load_or_create_split(root, tmp_path / "exp", log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------------- check, make_demo
+
+def test_check_json_summary_and_verify_images(demo_root, tmp_path):
+    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(demo_root), "--json"])
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    table = wfas_data.index_wfas(demo_root)
+    assert summary["num_images"] == len(table) == summary["num_live"] + summary["num_spoof"]
+    assert summary["missing_bbox"] == 1 and summary["bad_bbox"] == 0
+    assert set(summary["attack_types"]) == set(wfas_data.DEMO_ATTACK_TYPES)
+    assert summary["num_subjects"] == 12 + 6 * 9
+    assert summary["prediction_lists"] == {"Dev/Dev.txt": 6, "Test/Test.txt": 6}
+    assert "unreadable" not in summary
+
+    root = make_tree(tmp_path / "WFAS")
+    (root / "Train" / "living" / "s1" / "1.jpg").write_bytes(b"not a jpeg")
+    (root / "Train" / "living" / "s2" / "0.txt").write_text("garbage\n")
+    summary = wfas_data.check_dataset(root, verify_images=True)
+    assert summary["unreadable"] == ["Train/living/s1/1.jpg"]
+    assert summary["bad_bbox"] == 1 and summary["missing_bbox"] == 0
+    text = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(root)]).stdout
+    assert "malformed bbox files         1" in text and "3D-Mask" in text
+
+
+def test_make_demo_writes_the_wfas_layout_in_seconds(tmp_path):
+    start = time.time()
+    result = run_script([sys.executable, "wfas_data.py", "make_demo", str(tmp_path / "demo"), "--subjects", "6"])
+    assert result.returncode == 0, result.stderr
+    assert time.time() - start < 30
+    root = tmp_path / "demo"
+    assert sorted(p.name for p in (root / "Train" / "spoof").iterdir() if p.is_dir()) == sorted(
+        wfas_data.DEMO_ATTACK_TYPES)
+    names = (root / "Dev" / "Dev.txt").read_text().split()
+    assert all((root / "Dev" / "data" / n).is_file() and (root / "Dev" / "data" / n).with_suffix(".txt").is_file()
+               for n in names)
+    folder, listed = wfas_data.read_prediction_list(root / "Test" / "Test.txt")
+    assert folder == root / "Test" / "data" and len(listed) == 24
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_by_hand():
+    scores = np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    attack = np.array(["live"] * 3 + ["print", "print", "mask"])
+    m = wfas_data.compute_metrics(scores, labels, attack, threshold=0.5)
+    assert m["apcer"] == pytest.approx(1 / 3) and m["bpcer"] == pytest.approx(1 / 3)
+    assert m["acer"] == pytest.approx(1 / 3) and m["acc"] == pytest.approx(4 / 6)
+    assert m["apcer_per_attack"] == {"mask": 0.0, "print": 0.5} and m["worst_apcer"] == 0.5
+    assert m["auc"] == pytest.approx(8 / 9)  # 8 of the 9 live/spoof pairs are ordered right
+    # the EER point: at t = 0.7, APCER = BPCER = 1/3; every other candidate leaves them apart
+    assert wfas_data.compute_metrics(scores, labels, attack)["threshold"] == pytest.approx(0.7)
+
+
+def test_score_at_threshold_counts_as_live_and_auc_handles_ties():
+    m = wfas_data.compute_metrics([0.5, 0.5], [1, 0], ["live", "x"], threshold=0.5)
+    assert m["apcer"] == 1.0 and m["bpcer"] == 0.0
+    assert wfas_data.roc_auc([0.5, 0.5], [1, 0]) == 0.5
