@@ -386,7 +386,8 @@ def write_submission(model, accelerator, args, img_size, data_config, face_crop_
         if (~ok).any():
             logger.warning(f"{int((~ok).sum())} images of {list_file} could not be decoded; they are scored 0.5")
         prefix = Path(list_file).stem.lower()
-        lines += [f"{prefix}/{name} {score:.6f}" for name, score in zip(names, np.clip(list_scores, 0, 1))]
+        keys = [name if name.startswith(prefix + "/") else f"{prefix}/{name}" for name in names]
+        lines += [f"{key} {score:.6f}" for key, score in zip(keys, np.clip(list_scores, 0, 1))]
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         txt, archive = output_dir / "submission.txt", output_dir / "submission.zip"

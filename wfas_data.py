@@ -197,11 +197,13 @@ def read_prediction_list(list_file):
     names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     if not names:
         raise UserError(f"list file {list_file} is empty")
-    for folder in (list_file.parent / "data", list_file.parent):
+    # entries may also carry the set folder (dev/000001.jpg), relative to the list's parent
+    folders = (list_file.parent / "data", list_file.parent, list_file.parent.parent)
+    for folder in folders:
         if (folder / names[0]).is_file():
             return folder, names
-    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in {list_file.parent / 'data'} or "
-                    f"{list_file.parent}")
+    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in "
+                    f"{', '.join(str(f) for f in folders)}")
 
 
 # ----------------------------------------------------------------------------------------------------------

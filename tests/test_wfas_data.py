@@ -280,3 +280,14 @@ def test_score_at_threshold_counts_as_live_and_auc_handles_ties():
     m = wfas_data.compute_metrics([0.5, 0.5], [1, 0], ["live", "x"], threshold=0.5)
     assert m["apcer"] == 1.0 and m["bpcer"] == 0.0
     assert wfas_data.roc_auc([0.5, 0.5], [1, 0]) == 0.5
+
+
+def test_prediction_list_entries_may_carry_the_set_folder(tmp_path):
+    (tmp_path / "dev").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "dev" / "000001.jpg")
+    (tmp_path / "dev" / "dev.txt").write_text("dev/000001.jpg\n")
+    folder, names = wfas_data.read_prediction_list(tmp_path / "dev" / "dev.txt")
+    assert folder == tmp_path and names == ["dev/000001.jpg"]
+    with pytest.raises(UserError, match="cannot find"):
+        (tmp_path / "dev" / "other.txt").write_text("missing.jpg\n")
+        wfas_data.read_prediction_list(tmp_path / "dev" / "other.txt")
