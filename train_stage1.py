@@ -40,46 +40,55 @@ logger = get_logger("stage1")
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring keeps its layout; every flag shows its default unless its help already tells it."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", help="JSON file with any of these flags as keys; command-line flags override it")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_root", help="WFAS folder (holding Train/), Train/ itself, or a labelled list file")
-    group.add_argument("--output_dir", default="output", help="experiment folder (default: %(default)s)")
+    group.add_argument("--output_dir", default="output", help="experiment folder")
     group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
     group.add_argument("--test_fraction", type=float, default=0.1, help="share of subjects held out for test")
     group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
-                       help="face box expansion before the square crop (default: %(default)s)")
+                       help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
     group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model_name", default="convnext_base", help="any timm model (default: %(default)s)")
+    group.add_argument("--model_name", default="convnext_base", help="any timm model")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from ImageNet weights (default: on)")
+                       help="start from ImageNet weights")
     group.add_argument("--pretrained_file", help="local .safetensors or .pth weights to start from")
     group.add_argument("--model_cache_dir", help="where fetched weights are kept (default: EXP/model/stage1/<model>)")
     group.add_argument("--download_only", action="store_true",
                        help="fetch the pretrained weights into the cache and exit (run it on a login node)")
-    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: %(default)s)")
+    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
 
     group = parser.add_argument_group("training")
-    group.add_argument("--num_epochs", type=int, default=50)
+    group.add_argument("--num_epochs", type=int, default=50, help="passes over the train split")
     group.add_argument("--batch_size", type=int, default=32, help="per device")
-    group.add_argument("--learning_rate", type=float, default=2e-4)
-    group.add_argument("--weight_decay", type=float, default=0.05)
+    group.add_argument("--learning_rate", type=float, default=2e-4, help="peak AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     group.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup, then cosine decay")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
     group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient clipping; 0 turns it off")
     group.add_argument("--max_train_steps", type=int, default=None, help="stop after this many updates (smoke runs)")
-    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--seed", type=int, default=42, help="seed of the split, the shuffle and the model init")
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--resume_from_checkpoint", help="'latest' or a stage1_latest folder")
     group.add_argument("--report_to", default="none",
-                       help="tensorboard, wandb, ... or all: any tracker accelerate supports (default: none)")
+                       help="tensorboard, wandb, ... or all: any tracker accelerate supports")
     return parser
 
 
@@ -330,7 +339,7 @@ def main(argv=None):
     ], milestones=[warmup])
     accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
 
-    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf, "best_val": None}
+    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
         accelerator.load_state(str(resume_dir))
@@ -349,7 +358,8 @@ def main(argv=None):
             break
         model.train()
         train_loader.set_epoch(epoch)
-        epoch_start, epoch_images, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        epoch_start, epoch_images, steps = time.time(), 0, 0
+        loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
         for batch in train_loader:
             with accelerator.accumulate(model):
                 logits = model(batch["image"])
@@ -364,18 +374,20 @@ def main(argv=None):
             for error in batch["error"]:
                 if error:
                     logger.warning(f"skipping unreadable image {error}", main_process_only=False)
-            loss_sum += loss.item()
-            loss_count += 1
+            loss_sum += loss.detach()
+            steps += 1
             epoch_images += len(ok) * accelerator.num_processes
             if accelerator.sync_gradients:
                 scheduler.step()
                 state["global_step"] += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum / loss_count:.4f}",
-                                     img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
+                if state["global_step"] % 20 == 0:
+                    progress.set_postfix(loss=f"{loss_sum.item() / steps:.4f}",
+                                         img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
+        train_loss = loss_sum.item() / max(steps, 1)
         train_images += epoch_images
         train_seconds += epoch_seconds
 
@@ -383,7 +395,7 @@ def main(argv=None):
         state["epoch"] = epoch
         improved = val["acer"] < state["best_val_acer"]
         if improved:
-            state.update(best_epoch=epoch, best_val_acer=val["acer"], best_val=val)
+            state.update(best_epoch=epoch, best_val_acer=val["acer"])
             save_best(accelerator, model, best_path, {
                 "model_name": args.model_name, "img_size": str(img_size), "epoch": str(epoch),
                 "face_crop_scale": str(args.face_crop_scale), "val_metrics": val})
@@ -393,12 +405,12 @@ def main(argv=None):
         epochs_left = min(args.num_epochs - epoch - 1,
                           math.ceil((total_updates - state["global_step"]) / updates_per_epoch))
         eta = (time.time() - loop_start) / epochs_run * epochs_left
-        logger.info(f"epoch {epoch + 1}/{args.num_epochs}  train loss {loss_sum / max(loss_count, 1):.4f}  "
+        logger.info(f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f}  "
                     f"val loss {val['loss']:.4f}  val {wfas_data.format_metrics(val)}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else ""))
-        accelerator.log({"train/loss": loss_sum / max(loss_count, 1), "train/lr": scheduler.get_last_lr()[0],
+        accelerator.log({"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                          "train/images_per_second": epoch_images / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
     progress.close()
@@ -407,9 +419,9 @@ def main(argv=None):
         raise UserError(f"no best checkpoint at {best_path}: training ran no epoch (check --num_epochs)")
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(best_path))
-    best_val = state["best_val"]
+    # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
+    best_val = evaluate(model, val_loader, splits["val"], accelerator, tta=args.tta, desc="val")
     logger.info(f"Best epoch {state['best_epoch'] + 1}: val {wfas_data.format_metrics(best_val)}")
-
     test_loader = accelerator.prepare(loader(datasets["test"]))
     test = evaluate(model, test_loader, splits["test"], accelerator, threshold=best_val["threshold"],
                     tta=args.tta, desc="test")

@@ -45,16 +45,25 @@ logger = get_logger("stage2")
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only", "predict_only", "checkpoint")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring keeps its layout; every flag shows its default unless its help already tells it."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", help="JSON file with any of these flags as keys; command-line flags override it")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_root", help="the data root of stage 1 (default: the one in EXP/stage1_config.json)")
-    group.add_argument("--output_dir", default="output", help="experiment folder of stage 1 (default: %(default)s)")
+    group.add_argument("--output_dir", default="output", help="experiment folder of stage 1")
     group.add_argument("--soft_labels_path", help="stage 1's soft labels (default: EXP/stage1_soft_labels.pth)")
     group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
-                       help="face box expansion before the square crop (default: %(default)s)")
+                       help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size, fixed at creation for MaxViT "
                                                                   "(default: the model's)")
     group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
@@ -62,41 +71,41 @@ def build_parser():
                        help="half live, half spoof batches (default: on when --triplet_weight > 0)")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model_name", default="maxvit_base_tf_224", help="any timm model (default: %(default)s)")
+    group.add_argument("--model_name", default="maxvit_base_tf_224", help="any timm model")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from ImageNet weights (default: on)")
+                       help="start from ImageNet weights")
     group.add_argument("--pretrained_file", help="local .safetensors or .pth weights to start from")
     group.add_argument("--model_cache_dir", help="where fetched weights are kept (default: EXP/model/stage2/<model>)")
     group.add_argument("--download_only", action="store_true",
                        help="fetch the pretrained weights into the cache and exit (run it on a login node)")
-    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: %(default)s)")
+    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
 
     group = parser.add_argument_group("losses")
-    group.add_argument("--focal_weight", type=float, default=1.0)
-    group.add_argument("--triplet_weight", type=float, default=0.5)
-    group.add_argument("--kd_weight", type=float, default=1.0)
-    group.add_argument("--focal_gamma", type=float, default=2.0)
+    group.add_argument("--focal_weight", type=float, default=1.0, help="weight of the focal loss")
+    group.add_argument("--triplet_weight", type=float, default=0.5, help="weight of the batch-hard triplet loss")
+    group.add_argument("--kd_weight", type=float, default=1.0, help="weight of the distillation loss")
+    group.add_argument("--focal_gamma", type=float, default=2.0, help="focusing parameter; 0 is cross-entropy")
     group.add_argument("--focal_alpha", type=float, nargs=2, default=None, metavar=("SPOOF", "LIVE"),
-                       help="per-class focal weights (default: none)")
-    group.add_argument("--triplet_margin", type=float, default=0.3)
-    group.add_argument("--kd_temperature", type=float, default=1.0)
+                       help="per-class focal weights")
+    group.add_argument("--triplet_margin", type=float, default=0.3, help="margin on L2-normalised embeddings")
+    group.add_argument("--kd_temperature", type=float, default=1.0, help="distillation temperature T")
 
     group = parser.add_argument_group("training")
-    group.add_argument("--num_epochs", type=int, default=30)
+    group.add_argument("--num_epochs", type=int, default=30, help="passes over the train split")
     group.add_argument("--batch_size", type=int, default=32, help="per device")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
-    group.add_argument("--weight_decay", type=float, default=0.05)
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="peak AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     group.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup, then cosine decay")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
     group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient clipping; 0 turns it off")
     group.add_argument("--max_train_steps", type=int, default=None, help="stop after this many updates (smoke runs)")
-    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the model init")
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
 
     group = parser.add_argument_group("checkpoints, logging and prediction")
     group.add_argument("--resume_from_checkpoint", help="'latest' or a stage2_latest folder")
     group.add_argument("--report_to", default="none",
-                       help="tensorboard, wandb, ... or all: any tracker accelerate supports (default: none)")
+                       help="tensorboard, wandb, ... or all: any tracker accelerate supports")
     group.add_argument("--predict_lists", nargs="+", default=None, metavar="LIST",
                        help="unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt")
     group.add_argument("--predict_only", action="store_true",
@@ -519,7 +528,7 @@ def main(argv=None):
     ], milestones=[warmup])
     accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
 
-    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf, "best_val": None}
+    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
         accelerator.load_state(str(resume_dir))
@@ -544,7 +553,8 @@ def main(argv=None):
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         epoch_start, epoch_images, steps = time.time(), 0, 0
-        sums = {"loss": 0.0, "focal": 0.0, "triplet": 0.0, "kd": 0.0}
+        # summed on the device: .item() every step would wait for the GPU
+        sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "focal", "triplet", "kd")}
         for batch in train_loader:
             with accelerator.accumulate(model):
                 logits, embeddings = model(batch["image"])
@@ -562,30 +572,31 @@ def main(argv=None):
             for error in batch["error"]:
                 if error:
                     logger.warning(f"skipping unreadable image {error}", main_process_only=False)
-            sums["loss"] += loss.item()
+            sums["loss"] += loss.detach()
             for name, value in parts.items():
-                sums[name] += value.item()
+                sums[name] += value
             steps += 1
             epoch_images += len(ok) * accelerator.num_processes
             if accelerator.sync_gradients:
                 scheduler.step()
                 state["global_step"] += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{sums['loss'] / steps:.4f}",
-                                     img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
+                if state["global_step"] % 20 == 0:
+                    progress.set_postfix(loss=f"{sums['loss'].item() / steps:.4f}",
+                                         img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
         train_images += epoch_images
         train_seconds += epoch_seconds
-        train = {name: value / max(steps, 1) for name, value in sums.items()}
+        train = {name: value.item() / max(steps, 1) for name, value in sums.items()}
 
         paths, labels, attack_types, scores = score_split(model, val_loader, splits["val"], accelerator)
         val = wfas_data.compute_metrics(scores, labels, attack_types)
         state["epoch"] = epoch
         improved = val["acer"] < state["best_val_acer"]
         if improved:
-            state.update(best_epoch=epoch, best_val_acer=val["acer"], best_val=val)
+            state.update(best_epoch=epoch, best_val_acer=val["acer"])
             save_best(accelerator, model, best_path, {
                 "model_name": args.model_name, "img_size": str(img_size), "epoch": str(epoch),
                 "face_crop_scale": str(args.face_crop_scale), "val_metrics": val})

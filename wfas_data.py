@@ -248,19 +248,19 @@ def write_split_csv(table, csv_path):
 
 
 def read_split_csv(csv_path, root):
+    columns = ["path", "label", "attack_type", "subject", "split"]
     with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != ["path", "label", "attack_type", "subject", "split"]:
-            raise UserError(f"{csv_path} is not a split file: expected the columns "
-                            "path,label,attack_type,subject,split")
-        rows = list(reader)
+        reader = csv.reader(f)
+        if next(reader, None) != columns:
+            raise UserError(f"{csv_path} is not a split file: expected the columns {','.join(columns)}")
+        paths, labels, attack_types, subjects, splits = list(zip(*reader)) or [()] * 5
     try:
-        table = _make_table(root, [r["path"] for r in rows], [int(r["label"]) for r in rows],
-                            [r["attack_type"] for r in rows], [r["subject"] for r in rows],
-                            [True] * len(rows))
-        table.split = np.array([SPLITS.index(r["split"]) for r in rows], dtype=np.int8)
-    except ValueError as error:
-        raise UserError(f"{csv_path} is damaged ({error}); delete it to recompute the split") from None
+        table = _make_table(root, paths, np.array(labels).astype(np.int8), attack_types, subjects,
+                            np.ones(len(paths), dtype=bool))
+        split_codes = {name: code for code, name in enumerate(SPLITS)}
+        table.split = np.array([split_codes[s] for s in splits], dtype=np.int8)
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{csv_path} is damaged ({error!r}); delete it to recompute the split") from None
     return table
 
 
