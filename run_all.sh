@@ -19,7 +19,8 @@ usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --s
 
 With no --data_root it runs the demo: generated data (demo_data/), small models, results in demo_output/.
 With --data_root it runs the recipe: convnext_base 50 epochs, then maxvit_base_tf_224 30 epochs, pretrained.
-  --output_dir EXP          experiment folder (default: experiments/wfas, or demo_output for the demo)
+  --output_dir EXP          experiment folder (default: experiments/wfas, or demo_output for the demo);
+                            it wins over an output_dir in the config files
   --stage1_only             train the teacher and write soft labels, then stop
   --stage2_only             train the student on an existing EXP (split.csv and soft labels)
   --soft_labels_path P      soft labels for stage 2 (default: EXP/stage1_soft_labels.pth)
@@ -137,7 +138,7 @@ EOF
 run_stage() {  # run_stage N script args...: launch one stage, stop everything if it fails
   local n="$1" script="$2"; shift 2
   local began=$SECONDS status=0
-  echo "=== Stage $n: accelerate launch ${ACCELERATE_ARGS:-} $script $* ==="
+  echo "=== Stage $n: accelerate launch ${ACCELERATE_ARGS:+$ACCELERATE_ARGS }$script $* ==="
   # shellcheck disable=SC2086  # ACCELERATE_ARGS holds several launcher flags
   accelerate launch ${ACCELERATE_ARGS:-} "$HERE/$script" "$@" || status=$?
   printf -v "SECONDS$n" "%s" "$((SECONDS - began))"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
@@ -116,6 +117,10 @@ def parse_args(argv=None):
         raise UserError(f"--model_name {args.model_name} is not a timm model; "
                         f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
     args.output_dir = str(Path(args.output_dir).expanduser())
+    trackers = [str(t) for t in get_available_trackers()]
+    if args.report_to not in ("none", "all", *trackers):
+        raise UserError(f"--report_to {args.report_to}: no such tracker is installed here (installed: "
+                        f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
     if args.model_cache_dir is None:
         args.model_cache_dir = str(Path(args.output_dir) / "model" / "stage1" / args.model_name)
     return args
@@ -222,8 +227,9 @@ def evaluate(model, loader, split_table, accelerator, threshold=None, tta=False,
 
 def save_best(accelerator, model, path, metadata):
     """Weights only, in safetensors, written aside and renamed into place."""
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
     if accelerator.is_main_process:
+        # keep_torch_compile=False: the plain module's keys, without torch.compile's "_orig_mod." prefix
+        state_dict = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, tmp,
                   metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
@@ -358,7 +364,7 @@ def main(argv=None):
             break
         model.train()
         train_loader.set_epoch(epoch)
-        epoch_start, epoch_images, steps = time.time(), 0, 0
+        epoch_start, epoch_images, steps, skipped = time.time(), 0, 0, 0
         loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
         for batch in train_loader:
             with accelerator.accumulate(model):
@@ -371,9 +377,9 @@ def main(argv=None):
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            for error in batch["error"]:
-                if error:
-                    logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+            for error in filter(None, batch["error"]):
+                logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+                skipped += 1
             loss_sum += loss.detach()
             steps += 1
             epoch_images += len(ok) * accelerator.num_processes
@@ -387,6 +393,7 @@ def main(argv=None):
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
+        skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
         train_loss = loss_sum.item() / max(steps, 1)
         train_images += epoch_images
         train_seconds += epoch_seconds
@@ -409,7 +416,8 @@ def main(argv=None):
                     f"val loss {val['loss']:.4f}  val {wfas_data.format_metrics(val)}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
-                    f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else ""))
+                    f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
+                    + (f"  {skipped} unreadable images skipped" if skipped else ""))
         accelerator.log({"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                          "train/images_per_second": epoch_images / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)

@@ -29,6 +29,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -133,6 +134,10 @@ def parse_args(argv=None):
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
     args.output_dir = str(Path(args.output_dir).expanduser())
+    trackers = [str(t) for t in get_available_trackers()]
+    if args.report_to not in ("none", "all", *trackers):
+        raise UserError(f"--report_to {args.report_to}: no such tracker is installed here (installed: "
+                        f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
     if args.predict_only and not args.predict_lists:
         raise UserError("--predict_only needs --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt)")
     if not args.predict_only and not timm.is_model(args.model_name):
@@ -341,9 +346,10 @@ def write_predictions(path, paths, labels, attack_types, scores):
 
 def save_best(accelerator, model, path, metadata):
     """The plain timm model's weights in safetensors, with metadata; written aside and renamed into place."""
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
     if accelerator.is_main_process:
-        weights = {k.removeprefix("net."): v.contiguous().cpu() for k, v in state_dict.items()}
+        # keep_torch_compile=False: the plain module's keys, without torch.compile's "_orig_mod." prefix
+        state_dict = accelerator.unwrap_model(model, keep_torch_compile=False).net.state_dict()
+        weights = {k: v.contiguous().cpu() for k, v in state_dict.items()}
         tmp = path.with_name(path.name + ".tmp")
         save_file(weights, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
         os.replace(tmp, path)
@@ -552,7 +558,7 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
-        epoch_start, epoch_images, steps = time.time(), 0, 0
+        epoch_start, epoch_images, steps, skipped = time.time(), 0, 0, 0
         # summed on the device: .item() every step would wait for the GPU
         sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "focal", "triplet", "kd")}
         for batch in train_loader:
@@ -569,9 +575,9 @@ def main(argv=None):
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            for error in batch["error"]:
-                if error:
-                    logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+            for error in filter(None, batch["error"]):
+                logger.warning(f"skipping unreadable image {error}", main_process_only=False)
+                skipped += 1
             sums["loss"] += loss.detach()
             for name, value in parts.items():
                 sums[name] += value
@@ -587,6 +593,7 @@ def main(argv=None):
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
+        skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
         train_images += epoch_images
         train_seconds += epoch_seconds
         train = {name: value.item() / max(steps, 1) for name, value in sums.items()}
@@ -610,7 +617,8 @@ def main(argv=None):
                     f"triplet {train['triplet']:.4f} kd {train['kd']:.4f})  val {wfas_data.format_metrics(val)}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
-                    f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else ""))
+                    f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
+                    + (f"  {skipped} unreadable images skipped" if skipped else ""))
         accelerator.log({**{f"train/{k}": v for k, v in train.items()}, "train/lr": scheduler.get_last_lr()[0],
                          "train/images_per_second": epoch_images / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)

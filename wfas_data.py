@@ -84,7 +84,7 @@ class SampleTable:
 
 
 def _as_bytes_array(strings):
-    return np.array([s.encode() for s in strings], dtype=bytes) if strings else np.array([], dtype="S1")
+    return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
 
 
 def _make_table(root, paths, labels, attack_types, subjects, has_bbox):

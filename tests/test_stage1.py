@@ -144,11 +144,19 @@ def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
     broken = table.of_split("train").paths()[0]
     (root / broken).write_bytes(b"\xff\xd8\xff truncated")
-    results = train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1])
+    # batch size 1: no drop_last tail, so the epoch surely meets the broken image
+    results = train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1,
+                                 "--batch_size", "1"])
     soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
     assert broken not in soft_labels and len(soft_labels) == len(train_paths(exp)) - 1
     assert results["num_soft_labels"] == len(soft_labels)
-    assert broken in max((exp / "logs" / "stage1").glob("*.log")).read_text()
+    log = max((exp / "logs" / "stage1").glob("*.log")).read_text()
+    assert broken in log and "1 unreadable images skipped" in log
+
+
+def test_a_tracker_that_is_not_installed_is_a_clear_error():
+    with pytest.raises(UserError, match="no such tracker"):
+        train_stage1.parse_args(["--data_root", "x", "--report_to", "nosuchtracker"])
 
 
 def test_two_processes_give_the_same_soft_label_keys(stage1_run, demo_root, tmp_path):
