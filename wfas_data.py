@@ -213,9 +213,9 @@ def read_prediction_list(list_file):
 def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
     """Split by subject, stratified by attack type, deterministic for a seed.
 
-    Within each attack type the subjects are shuffled and laid end to end by image count; a subject goes to
-    val or test when its first image falls in those fractions, so each split gets about its share of images
-    and no subject is in two splits."""
+    Within each attack type the subjects are shuffled; each goes to val while val holds fewer images than
+    its share, then to test likewise, then to train. So val and test each get at least one subject of every
+    type with 3 or more, and the last subject always trains, so that no type is missing from train."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise UserError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
                         "and leave images for training (sum < 1)")
@@ -225,11 +225,14 @@ def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
         in_type = np.flatnonzero(table.attack_type == attack_type)
         subjects, subject_of_row, counts = np.unique(table.subject[in_type], return_inverse=True,
                                                      return_counts=True)
+        subject_split = np.zeros(len(subjects), dtype=np.int8)
+        targets = np.array([np.inf, val_fraction, test_fraction]) * counts.sum()
+        taken = np.zeros(3)
         order = rng.permutation(len(subjects))
-        start = np.cumsum(counts[order]) - counts[order]  # images before each subject, in shuffled order
-        position = np.empty(len(subjects))
-        position[order] = start / counts.sum()
-        subject_split = np.where(position < val_fraction, 1, np.where(position < val_fraction + test_fraction, 2, 0))
+        for subject in order[:-1] if len(subjects) >= 3 else []:
+            chosen = 1 if taken[1] < targets[1] else 2 if taken[2] < targets[2] else 0
+            subject_split[subject] = chosen
+            taken[chosen] += counts[subject]
         split[in_type] = subject_split[subject_of_row]
     table.split = split
     return table

@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+import subprocess
 import sys
 import time
 
@@ -10,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_STAGE1, launch_two_processes, run_script
+from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script
 import train_stage1
 import wfas_data
 from wfas_data import UserError
@@ -172,3 +173,21 @@ def test_two_processes_give_the_same_soft_label_keys(stage1_run, demo_root, tmp_
     assert set(two) == set(one) == train_paths(exp)
     saved = json.loads((exp / "stage1_results.json").read_text())
     assert saved["num_soft_labels"] == len(one) and saved["test"]["num_images"] == stage1_run[1]["test"]["num_images"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(demo_root, tmp_path):
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2"]
+    assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
+    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:  # the epoch line comes after stage1_latest is written
+        if "epoch 1/2" in line:
+            killed.kill()
+            break
+    killed.wait()
+    assert not (tmp_path / "B" / "stage1_results.json").exists()
+    resumed = run_script(command + ["--output_dir", str(tmp_path / "B"), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = load_file(tmp_path / "A" / "checkpoints" / "stage1" / "stage1_latest" / "model.safetensors")
+    after_resume = load_file(tmp_path / "B" / "checkpoints" / "stage1" / "stage1_latest" / "model.safetensors")
+    assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted)
