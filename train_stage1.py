@@ -88,6 +88,8 @@ def build_parser():
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--resume_from_checkpoint", help="'latest' or a stage1_latest folder")
+    group.add_argument("--checkpointing_steps", type=int, default=0,
+                       help="also write stage1_latest every N updates, for a mid-epoch resume (0: per epoch)")
     group.add_argument("--report_to", default="none",
                        help="tensorboard, wandb, ... or all: any tracker accelerate supports")
     return parser
@@ -345,13 +347,15 @@ def main(argv=None):
     ], milestones=[warmup])
     accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
 
-    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
+    # epoch: the last finished one; batches_done: batches of the next one already trained (mid-epoch saves)
+    state = {"epoch": -1, "batches_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
         accelerator.load_state(str(resume_dir))
         state = json.loads((resume_dir / "training_state.json").read_text())
-        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done, "
-                    f"{state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
+        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
+                    + (f" and {state['batches_done']} batches of the next" if state["batches_done"] else "")
+                    + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
     if accelerator.is_main_process:
         accelerator.init_trackers("stage1", config={k: v for k, v in vars(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -366,7 +370,10 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         epoch_start, epoch_images, steps, skipped = time.time(), 0, 0, 0
         loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
-        for batch in train_loader:
+        # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
+        batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] \
+            else train_loader
+        for batch in batches:
             with accelerator.accumulate(model):
                 logits = model(batch["image"])
                 ok = batch["ok"]
@@ -382,6 +389,7 @@ def main(argv=None):
                 skipped += 1
             loss_sum += loss.detach()
             steps += 1
+            state["batches_done"] += 1
             epoch_images += len(ok) * accelerator.num_processes
             if accelerator.sync_gradients:
                 scheduler.step()
@@ -390,6 +398,10 @@ def main(argv=None):
                 if state["global_step"] % 20 == 0:
                     progress.set_postfix(loss=f"{loss_sum.item() / steps:.4f}",
                                          img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
+                if args.checkpointing_steps and state["global_step"] % args.checkpointing_steps == 0:
+                    save_latest(accelerator, latest_dir, state)
+                    logger.info(f"Wrote {latest_dir} at update {state['global_step']} (epoch {epoch + 1}, "
+                                f"batch {state['batches_done']})")
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
@@ -399,7 +411,7 @@ def main(argv=None):
         train_seconds += epoch_seconds
 
         val = evaluate(model, val_loader, splits["val"], accelerator, desc="val")
-        state["epoch"] = epoch
+        state.update(epoch=epoch, batches_done=0)
         improved = val["acer"] < state["best_val_acer"]
         if improved:
             state.update(best_epoch=epoch, best_val_acer=val["acer"])

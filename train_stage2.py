@@ -105,6 +105,8 @@ def build_parser():
 
     group = parser.add_argument_group("checkpoints, logging and prediction")
     group.add_argument("--resume_from_checkpoint", help="'latest' or a stage2_latest folder")
+    group.add_argument("--checkpointing_steps", type=int, default=0,
+                       help="also write stage2_latest every N updates, for a mid-epoch resume (0: per epoch)")
     group.add_argument("--report_to", default="none",
                        help="tensorboard, wandb, ... or all: any tracker accelerate supports")
     group.add_argument("--predict_lists", nargs="+", default=None, metavar="LIST",
@@ -295,9 +297,13 @@ def load_soft_labels(path, splits):
     covered = 0
     for i, image_path in enumerate(train_paths):
         probs = soft_labels.get(image_path)
-        if probs is not None:
-            targets[i] = probs
-            covered += 1
+        if probs is None:
+            continue
+        if not isinstance(probs, (list, tuple, torch.Tensor)) or len(probs) != 2:
+            raise UserError(f"soft labels {path}: the entry of {image_path} is {probs!r}, not "
+                            "[prob_spoof, prob_live]")
+        targets[i] = probs
+        covered += 1
     if covered < 0.99 * len(train_paths):
         raise UserError(f"soft labels {path} cover {covered} of {len(train_paths)} train images (< 99%): they "
                         "belong to another run or data root; use the stage 1 output of this EXP folder")
@@ -534,13 +540,15 @@ def main(argv=None):
     ], milestones=[warmup])
     accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
 
-    state = {"epoch": -1, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
+    # epoch: the last finished one; batches_done: batches of the next one already trained (mid-epoch saves)
+    state = {"epoch": -1, "batches_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
         accelerator.load_state(str(resume_dir))
         state = json.loads((resume_dir / "training_state.json").read_text())
-        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done, "
-                    f"{state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
+        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
+                    + (f" and {state['batches_done']} batches of the next" if state["batches_done"] else "")
+                    + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
     if accelerator.is_main_process:
         accelerator.init_trackers("stage2", config={k: v for k, v in vars(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -561,7 +569,10 @@ def main(argv=None):
         epoch_start, epoch_images, steps, skipped = time.time(), 0, 0, 0
         # summed on the device: .item() every step would wait for the GPU
         sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "focal", "triplet", "kd")}
-        for batch in train_loader:
+        # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
+        batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] \
+            else train_loader
+        for batch in batches:
             with accelerator.accumulate(model):
                 logits, embeddings = model(batch["image"])
                 ok = batch["ok"]
@@ -582,6 +593,7 @@ def main(argv=None):
             for name, value in parts.items():
                 sums[name] += value
             steps += 1
+            state["batches_done"] += 1
             epoch_images += len(ok) * accelerator.num_processes
             if accelerator.sync_gradients:
                 scheduler.step()
@@ -590,6 +602,10 @@ def main(argv=None):
                 if state["global_step"] % 20 == 0:
                     progress.set_postfix(loss=f"{sums['loss'].item() / steps:.4f}",
                                          img_s=f"{epoch_images / (time.time() - epoch_start):.0f}")
+                if args.checkpointing_steps and state["global_step"] % args.checkpointing_steps == 0:
+                    save_latest(accelerator, latest_dir, state)
+                    logger.info(f"Wrote {latest_dir} at update {state['global_step']} (epoch {epoch + 1}, "
+                                f"batch {state['batches_done']})")
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
@@ -600,7 +616,7 @@ def main(argv=None):
 
         paths, labels, attack_types, scores = score_split(model, val_loader, splits["val"], accelerator)
         val = wfas_data.compute_metrics(scores, labels, attack_types)
-        state["epoch"] = epoch
+        state.update(epoch=epoch, batches_done=0)
         improved = val["acer"] < state["best_val_acer"]
         if improved:
             state.update(best_epoch=epoch, best_val_acer=val["acer"])

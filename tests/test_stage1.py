@@ -191,3 +191,22 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(demo_r
     uninterrupted = load_file(tmp_path / "A" / "checkpoints" / "stage1" / "stage1_latest" / "model.safetensors")
     after_resume = load_file(tmp_path / "B" / "checkpoints" / "stage1" / "stage1_latest" / "model.safetensors")
     assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted)
+
+
+def test_a_run_killed_mid_epoch_resumes_at_the_next_batch(demo_root, tmp_path):
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
+               "--checkpointing_steps", "3", "--output_dir", str(tmp_path)]
+    killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:
+        if "at update 6 (epoch 1, batch 6)" in line:
+            killed.kill()
+            break
+    killed.wait()
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert state["epoch"] == -1 and state["batches_done"] == 6 and state["global_step"] == 6
+    resumed = run_script(command + ["--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 0 of 2 done and 6 batches of the next, 6 updates" in resumed.stdout
+    updates_per_epoch = len(train_paths(tmp_path)) // 8
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 0, 2 * updates_per_epoch)

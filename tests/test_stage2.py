@@ -120,6 +120,10 @@ def test_foreign_soft_labels_are_refused(stage1_run, demo_root, tmp_path):
     with pytest.raises(UserError, match="< 99%"):
         train_stage2.load_soft_labels(tmp_path / "partial.pth", splits)
 
+    torch.save({p: [0.5] for p in soft_labels}, tmp_path / "one_number.pth")
+    with pytest.raises(UserError, match="not \\[prob_spoof, prob_live\\]"):
+        train_stage2.load_soft_labels(tmp_path / "one_number.pth", splits)
+
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(UserError, match="not a soft-label file"):
         train_stage2.load_soft_labels(tmp_path / "list.pth", splits)
@@ -181,3 +185,30 @@ def test_two_processes_count_every_test_image_once(stage1_run, demo_root, tmp_pa
     test_paths = read_predictions(exp / "stage2_test_predictions.csv")[0]
     assert sorted(test_paths) == sorted(split_paths(exp, "test"))  # no padding duplicates, nothing lost
     assert json.loads((exp / "final_results.json").read_text())["num_test_images"] == len(split_paths(exp, "test"))
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_skipping_batches_replays_the_epoch_order(balanced):
+    """What a mid-epoch resume relies on: with the seedable sampler (or our balanced sampler) an epoch's
+    order depends only on the seed and the epoch, whatever the global RNG did meanwhile."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    data = list(range(100))
+    if balanced:
+        sampler = train_stage2.BalancedBatchSampler(np.array([1] * 40 + [0] * 60), batch_size=10, seed=0)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_sampler=sampler))
+    else:
+        sampler = None
+        loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=10, shuffle=True))
+
+    def start_epoch(epoch):
+        loader.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+
+    start_epoch(2)
+    full = [batch.tolist() for batch in loader]
+    torch.manual_seed(1234)
+    start_epoch(2)
+    assert [batch.tolist() for batch in accelerator.skip_first_batches(loader, 4)] == full[4:]
