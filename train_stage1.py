@@ -291,6 +291,8 @@ def main(argv=None):
         # the same shuffle on every resume, so that --resume_from_checkpoint continues the same run
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
     log_file = setup_logging(accelerator, output_dir / "logs" / "stage1")
 
     if args.download_only:
@@ -356,9 +358,8 @@ def main(argv=None):
         logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
                     + (f" and {state['batches_done']} batches of the next" if state["batches_done"] else "")
                     + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("stage1", config={k: v for k, v in vars(args).items()
-                                                    if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers("stage1", config={k: v for k, v in vars(args).items()
+                                                if isinstance(v, (int, float, str, bool))})
 
     progress = tqdm(total=total_updates, initial=state["global_step"], desc="stage 1",
                     disable=not accelerator.is_local_main_process)

@@ -456,6 +456,8 @@ def main(argv=None):
         # the same shuffle on every resume, so that --resume_from_checkpoint continues the same run
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
     log_file = setup_logging(accelerator, output_dir / "logs" / "stage2")
 
     if args.download_only:
@@ -549,9 +551,8 @@ def main(argv=None):
         logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
                     + (f" and {state['batches_done']} batches of the next" if state["batches_done"] else "")
                     + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("stage2", config={k: v for k, v in vars(args).items()
-                                                    if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers("stage2", config={k: v for k, v in vars(args).items()
+                                                if isinstance(v, (int, float, str, bool))})
 
     loss_weights = dict(focal_weight=args.focal_weight, triplet_weight=args.triplet_weight,
                         kd_weight=args.kd_weight, focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
