@@ -1,4 +1,5 @@
 """Shared fixtures: one small generated dataset and one tiny run of each stage, reused across tests."""
+import csv
 import os
 import shutil
 import subprocess
@@ -25,6 +26,12 @@ def run_script(args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def split_paths(exp, name):
+    """The paths of one split of EXP/split.csv, in file order."""
+    with open(exp / "split.csv") as f:
+        return [row["path"] for row in csv.DictReader(f) if row["split"] == name]
 
 
 def launch_two_processes(script, args):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 import torch
 
 from conftest import REPO

@@ -1,4 +1,3 @@
-import csv
 import json
 import shutil
 import subprocess
@@ -11,15 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script
+from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths
 import train_stage1
 import wfas_data
 from wfas_data import UserError
 
 
 def train_paths(exp):
-    with open(exp / "split.csv") as f:
-        return {row["path"] for row in csv.DictReader(f) if row["split"] == "train"}
+    return set(split_paths(exp, "train"))
 
 
 def test_outputs_exist_in_their_formats(stage1_run):

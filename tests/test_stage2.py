@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from conftest import TINY_STAGE2, launch_two_processes, run_script
+from conftest import TINY_STAGE2, launch_two_processes, run_script, split_paths
 import train_stage2
 import wfas_data
 from wfas_data import UserError
@@ -21,11 +21,6 @@ def read_predictions(path):
         rows = list(csv.DictReader(f))
     return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows]),
             np.array([r["attack_type"] for r in rows]), np.array([float(r["score"]) for r in rows]))
-
-
-def split_paths(exp, name):
-    with open(exp / "split.csv") as f:
-        return [row["path"] for row in csv.DictReader(f) if row["split"] == name]
 
 
 def test_outputs_exist_in_their_formats(stage2_run):
