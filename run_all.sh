@@ -109,6 +109,8 @@ write_experiment_info() {
 import json, os, platform, subprocess, sys, datetime
 import accelerate, timm, torch
 out, start, command, status1, seconds1, status2, seconds2, here = sys.argv[1:]
+sys.path.insert(0, here)
+import wfas_data
 def results(name):
     path = os.path.join(out, name)
     return json.load(open(path)) if os.path.exists(path) else {}
@@ -128,10 +130,7 @@ info = {
     "accelerate_args": os.environ.get("ACCELERATE_ARGS", ""),
     "stage1": stage(status1, seconds1, s1), "stage2": stage(status2, seconds2, s2),
 }
-tmp = os.path.join(out, "experiment_info.json.tmp")
-with open(tmp, "w") as f:
-    json.dump(info, f, indent=2)
-os.replace(tmp, os.path.join(out, "experiment_info.json"))
+wfas_data.write_json(os.path.join(out, "experiment_info.json"), info)
 EOF
 }
 
