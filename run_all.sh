@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python}"
 
 usage() {
   cat <<'EOF'
-usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --stage2_only]
+usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --stage2_only] [--resume]
                        [--soft_labels_path P] [--stage1_args "..."] [--stage2_args "..."]
                        [--config_stage1 F.json] [--config_stage2 F.json]
 
@@ -23,22 +23,28 @@ With --data_root it runs the recipe: convnext_base 50 epochs, then maxvit_base_t
                             it wins over an output_dir in the config files
   --stage1_only             train the teacher and write soft labels, then stop
   --stage2_only             train the student on an existing EXP (split.csv and soft labels)
+  --resume                  go on from where an earlier run of this command stopped (preempted, killed):
+                            a finished stage 1 is kept, an unfinished stage resumes from its latest state,
+                            and with no state yet it starts fresh, so a requeued job can always pass it
   --soft_labels_path P      soft labels for stage 2 (default: EXP/stage1_soft_labels.pth)
   --stage1_args "..."       flags appended to stage 1's command (they win over the defaults)
   --stage2_args "..."       flags appended to stage 2's command
   --config_stage1 F.json    a JSON config for stage 1 (see train_stage1.py --help)
   --config_stage2 F.json    a JSON config for stage 2
 Environment: ACCELERATE_ARGS (launcher flags), PYTHON (default: python), DEMO_SUBJECTS (demo size, default 150).
+Started on every node of a multi-node job, only the main node writes experiment_info.json; the node rank is
+--machine_rank in ACCELERATE_ARGS, else MACHINE_RANK, NODE_RANK or SLURM_NODEID, else 0.
 EOF
 }
 
 fail() { echo "run_all.sh: $*" >&2; exit 2; }
 
-DATA_ROOT="" OUTPUT_DIR="" STAGE1_ONLY=0 STAGE2_ONLY=0 SOFT_LABELS="" STAGE1_ARGS="" STAGE2_ARGS=""
+DATA_ROOT="" OUTPUT_DIR="" STAGE1_ONLY=0 STAGE2_ONLY=0 RESUME=0 SOFT_LABELS="" STAGE1_ARGS="" STAGE2_ARGS=""
 CONFIG1="" CONFIG2=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --resume) RESUME=1; shift; continue ;;
     --stage1_only) STAGE1_ONLY=1; shift; continue ;;
     --stage2_only) STAGE2_ONLY=1; shift; continue ;;
     --data_root|--output_dir|--soft_labels_path|--stage1_args|--stage2_args|--config_stage1|--config_stage2)
@@ -87,6 +93,10 @@ STAGE2+=(--output_dir "$OUTPUT_DIR")
 [[ -n $CONFIG1 ]] && STAGE1=(--config "$CONFIG1" "${STAGE1[@]}")
 [[ -n $CONFIG2 ]] && STAGE2=(--config "$CONFIG2" "${STAGE2[@]}")
 [[ -n $SOFT_LABELS ]] && STAGE2+=(--soft_labels_path "$SOFT_LABELS")
+if [[ $RESUME == 1 ]]; then
+  STAGE1+=(--resume_from_checkpoint latest)
+  STAGE2+=(--resume_from_checkpoint latest)
+fi
 # the challenge lists shipped next to Train/ are scored into EXP/submission.txt
 LISTS=()
 ROOT="${DATA_ROOT%/}"; [[ $(basename "$ROOT") == Train ]] && ROOT="$(dirname "$ROOT")"
@@ -104,7 +114,17 @@ START_TIME="$(date -Iseconds)"
 COMMAND_LINE="bash run_all.sh $*"
 STATUS1="skipped" STATUS2="skipped" SECONDS1="" SECONDS2=""
 
-write_experiment_info() {
+node_rank() {  # which node this is, when the job starts this script on every node (SLURM's usual way)
+  if [[ " ${ACCELERATE_ARGS:-} " =~ [[:space:]]--machine_rank[=[:space:]]+([0-9]+) ]]; then
+    echo "${BASH_REMATCH[1]}"
+  else
+    echo "${MACHINE_RANK:-${NODE_RANK:-${SLURM_NODEID:-0}}}"
+  fi
+}
+NODE_RANK_HERE="$(node_rank)"
+
+write_experiment_info() {  # on the main node only: the experiment folder is shared by all nodes
+  [[ $NODE_RANK_HERE == 0 ]] || return 0
   "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" <<'EOF'
 import json, os, platform, subprocess, sys, datetime
 import accelerate, timm, torch
@@ -144,13 +164,21 @@ run_stage() {  # run_stage N script args...: launch one stage, stop everything i
   if [[ $status -ne 0 ]]; then
     printf -v "STATUS$n" "%s" "failed ($status)"
     write_experiment_info || true
-    echo "run_all.sh: stage $n failed (exit $status); its log is the newest $OUTPUT_DIR/logs/stage$n/stage${n}_training_*.log" >&2
+    if [[ $status -eq 143 || $status -eq 138 ]]; then  # 128 + SIGTERM / SIGUSR1: stopped with its state saved
+      echo "run_all.sh: stage $n was stopped by a signal and saved its state; run the same command with --resume to go on" >&2
+    else
+      echo "run_all.sh: stage $n failed (exit $status); its log is the newest $OUTPUT_DIR/logs/stage$n/stage${n}_training_*.log" >&2
+    fi
     exit "$status"
   fi
   printf -v "STATUS$n" "%s" "ok"
 }
 
 command -v accelerate >/dev/null || fail "accelerate is not installed: pip install -r requirements.txt"
+if [[ $RESUME == 1 && $STAGE2_ONLY == 0 && -f $OUTPUT_DIR/stage1_results.json ]]; then
+  echo "=== Stage 1 finished earlier ($OUTPUT_DIR/stage1_results.json): kept (--resume) ==="
+  STAGE2_ONLY=1 STATUS1="ok (earlier run)"
+fi
 [[ $STAGE2_ONLY == 1 ]] || run_stage 1 train_stage1.py "${STAGE1[@]}"
 [[ $STAGE1_ONLY == 1 ]] || run_stage 2 train_stage2.py "${STAGE2[@]}"
 write_experiment_info

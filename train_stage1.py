@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,27 +29,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 import wfas_data
 from wfas_data import UserError
 
-logger = get_logger("stage1")
+STAGE = "stage1"
+logger = get_logger(STAGE)
 
 # Flags that control one invocation rather than describe the experiment; they stay out of stage1_config.json.
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The docstring keeps its layout; every flag shows its default unless its help already tells it."""
-
-    def _get_help_string(self, action):
-        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return action.help + " (default: %(default)s)"
 
 
 def build_parser():
@@ -87,7 +82,9 @@ def build_parser():
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
 
     group = parser.add_argument_group("checkpoints and logging")
-    group.add_argument("--resume_from_checkpoint", help="'latest' or a stage1_latest folder")
+    group.add_argument("--resume_from_checkpoint",
+                       help="'latest' (starts fresh when there is no saved state yet, so a requeued job can "
+                            "rerun the same command) or a stage1_latest folder")
     group.add_argument("--checkpointing_steps", type=int, default=0,
                        help="also write stage1_latest every N updates, for a mid-epoch resume (0: per epoch)")
     group.add_argument("--report_to", default="none",
@@ -96,7 +93,32 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    parser = build_parser()
+    args = parse_with_config(build_parser(), argv)
+    if not args.data_root and not args.download_only:
+        raise UserError("--data_root is required (the WFAS folder that holds Train/); "
+                        "`python wfas_data.py make_demo DIR` writes a small demo dataset")
+    if not timm.is_model(args.model_name):
+        raise UserError(f"--model_name {args.model_name} is not a timm model; "
+                        f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run plumbing. The same in train_stage1.py and train_stage2.py, deliberately: each script stays one file to
+# read and edit. tests/test_copies.py fails when the two copies of a helper differ.
+# ----------------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring keeps its layout; every flag shows its default unless its help already tells it."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def parse_with_config(parser, argv):
+    """Flags from --config FILE.json first, then the command line on top; an unknown key is a user error."""
     config_path = argparse.ArgumentParser(add_help=False)
     config_path.add_argument("--config")
     config_file = config_path.parse_known_args(argv)[0].config
@@ -109,22 +131,16 @@ def parse_args(argv=None):
         unknown = sorted(set(config) - known)
         if unknown:
             raise UserError(f"unknown key(s) {', '.join(unknown)} in {config_file}; valid keys are the flags of "
-                            "`python train_stage1.py --help` without the dashes")
+                            f"`python train_{STAGE}.py --help` without the dashes")
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
-    if not args.data_root and not args.download_only:
-        raise UserError("--data_root is required (the WFAS folder that holds Train/); "
-                        "`python wfas_data.py make_demo DIR` writes a small demo dataset")
-    if not timm.is_model(args.model_name):
-        raise UserError(f"--model_name {args.model_name} is not a timm model; "
-                        f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
     args.output_dir = str(Path(args.output_dir).expanduser())
     trackers = [str(t) for t in get_available_trackers()]
     if args.report_to not in ("none", "all", *trackers):
         raise UserError(f"--report_to {args.report_to}: no such tracker is installed here (installed: "
                         f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
     if args.model_cache_dir is None:
-        args.model_cache_dir = str(Path(args.output_dir) / "model" / "stage1" / args.model_name)
+        args.model_cache_dir = str(Path(args.output_dir) / "model" / STAGE / args.model_name)
     return args
 
 
@@ -134,11 +150,76 @@ def setup_logging(accelerator, log_dir):
     if accelerator.is_main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        handlers.append(logging.FileHandler(log_dir / f"stage1_training_{stamp}.log"))
+        handlers.append(logging.FileHandler(log_dir / f"{STAGE}_training_{stamp}.log"))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, handlers=handlers, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file save_state chatter
     return handlers[-1].baseFilename if accelerator.is_main_process else None
+
+
+def log_warning_here(message):
+    """A warning from whichever process meets it (accelerate's logger speaks on the main process only)."""
+    logger.warning(message, main_process_only=False)
+
+
+class PlainProgress:
+    """tqdm's interface for output that is not a terminal (SLURM .out files, CI, `> log`): one plain line
+    at the first update and then every `interval` seconds, instead of a frame per update."""
+
+    def __init__(self, iterable=None, total=None, initial=0, desc="", disable=False, leave=True, interval=60, **_):
+        self.iterable, self.desc, self.disable, self.interval = iterable, desc, disable, interval
+        self.first_line = leave  # a short-lived bar (leave=False) speaks only once it has run `interval`
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = self.initial = initial
+        self.start = self.last = time.time()
+        self.postfix = {}
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        first = self.first_line and self.n - self.initial == n
+        if self.disable or (not first and time.time() - self.last < self.interval):
+            return
+        self.last = time.time()
+        rate = (self.n - self.initial) / max(self.last - self.start, 1e-9)
+        line = f"{self.desc}: {self.n}" + (f"/{self.total} ({100 * self.n / self.total:.1f}%)" if self.total else "")
+        line += f", {rate:.2f} it/s"
+        if self.total and rate > 0:
+            line += f", ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}"
+        logger.info(line + "".join(f", {k} {v}" for k, v in self.postfix.items()))
+
+    def set_postfix(self, **postfix):
+        self.postfix = postfix
+
+    def close(self):
+        pass
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A live tqdm bar on a terminal and in notebooks; plain progress lines anywhere else."""
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return (tqdm if interactive else PlainProgress)(iterable, **kwargs)
+
+
+def main_process_first(accelerator, work):
+    """work() on the main process, then on the others (it writes what they read). A user error on the main
+    process reaches every process, which then raises it too: none is left waiting at a barrier."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise UserError(error)
+    if not accelerator.is_main_process:
+        result = work()
+    return result
 
 
 def network_reachable(model_name):
@@ -172,41 +253,160 @@ def fetch_pretrained(model_name, cache_dir):
     except (OSError, RuntimeError) as error:
         raise UserError(f"could not download pretrained {model_name} weights ({error}); retry, or pass "
                         "--pretrained_file PATH, or --no-pretrained") from None
-    tmp = cached.with_name(cached.name + ".tmp")
+    tmp = wfas_data.aside(cached)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, cached)
     shutil.rmtree(download_dir, ignore_errors=True)
     return cached
 
 
-def create_model(args):
-    kwargs = dict(num_classes=2, drop_path_rate=args.drop_path_rate)
-    if not args.pretrained:
-        return timm.create_model(args.model_name, pretrained=False, **kwargs)
-    weights = Path(args.pretrained_file) if args.pretrained_file else fetch_pretrained(args.model_name,
-                                                                                        args.model_cache_dir)
+def create_model(model_name, img_size=None, pretrained=False, pretrained_file=None, cache_dir=None,
+                 drop_path_rate=0.0):
+    kwargs = dict(num_classes=2, drop_path_rate=drop_path_rate)
+    cfg = timm.get_pretrained_cfg(model_name)
+    if img_size and cfg and cfg.fixed_input_size:  # e.g. MaxViT: its window grid is built for one input size
+        kwargs["img_size"] = img_size
+    if not pretrained:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    weights = Path(pretrained_file) if pretrained_file else fetch_pretrained(model_name, cache_dir)
     if not weights.is_file():
         raise UserError(f"--pretrained_file {weights} does not exist")
-    try:  # timm loads the file, drops the 1000-class head and adapts what needs adapting
-        return timm.create_model(args.model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+    try:  # timm loads the file, drops the 1000-class head and resizes what depends on the input size
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                                  **kwargs)
     except (RuntimeError, OSError, ValueError) as error:
-        raise UserError(f"cannot load {weights} into {args.model_name}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot load {weights} into {model_name}: {str(error).splitlines()[0]}") from None
 
+
+def save_best(accelerator, module, path, metadata):
+    """A plain timm model's weights in safetensors, with metadata; written aside and renamed into place.
+    module: the unwrapped model, accelerator.unwrap_model(model, keep_torch_compile=False), so that the keys
+    carry no DDP or torch.compile prefix."""
+    if accelerator.is_main_process:
+        weights = {k: v.contiguous().cpu() for k, v in module.state_dict().items()}
+        tmp = wfas_data.aside(path)
+        save_file(weights, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+
+
+def save_latest(accelerator, latest_dir, training_state):
+    """The full accelerate state (model, optimizer, RNG, sampler) plus our counters, written to a .tmp
+    folder and swapped in. A kill at any instruction leaves a complete state in latest, in .tmp (once its
+    training_state.json is written) or in an .old-* folder, and resolve_resume finds it. The replaced state
+    goes to an .old-* name of its own, so a leftover that cannot be deleted (an NFS silly-rename file, a
+    kill during rmtree) never blocks the next swap."""
+    tmp = latest_dir.with_name(latest_dir.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():  # a kill's leftover: moved aside, as it may not delete
+        tmp.rename(latest_dir.with_name(f"{latest_dir.name}.old-{time.time_ns()}"))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        wfas_data.write_json(tmp / "training_state.json", training_state)
+        if latest_dir.exists():
+            latest_dir.rename(latest_dir.with_name(f"{latest_dir.name}.old-{time.time_ns()}"))
+        tmp.rename(latest_dir)
+        for old in latest_dir.parent.glob(f"{latest_dir.name}.old*"):
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume(resume, latest_dir):
+    """The state to resume from, or None to start fresh: `latest` with no saved state yet is a first start,
+    so that a requeued job can run the same command every time; an explicit folder must exist."""
+    path = latest_dir if resume == "latest" else Path(resume)
+    candidates = [path, path.with_name(path.name + ".tmp"),  # a kill between the two renames of save_latest
+                  *sorted(path.parent.glob(f"{path.name}.old*"), reverse=True)]
+    for candidate in candidates:
+        if (candidate / "training_state.json").is_file():
+            return candidate
+    if resume == "latest":
+        return None
+    raise UserError(f"--resume_from_checkpoint {resume}: no saved state at {path} "
+                    f"(expected a {STAGE}_latest folder written by an earlier run)")
+
+
+def load_training_state(accelerator, resume_dir):
+    """accelerator.load_state with accelerate's INFO lines shown, so that the log says what it could not
+    restore (the random states of another number of processes, say), plus our counters."""
+    accelerate_logger = logging.getLogger("accelerate")
+    level = accelerate_logger.level
+    accelerate_logger.setLevel(logging.INFO)
+    try:
+        accelerator.load_state(str(resume_dir))
+    finally:
+        accelerate_logger.setLevel(level)
+    return json.loads((resume_dir / "training_state.json").read_text())
+
+
+def resume_position(state, batch_size, num_processes, gradient_accumulation_steps, updates_per_epoch):
+    """Where a resumed run goes on: the batches of the unfinished epoch each process skips, and the update
+    count an uninterrupted run with the current settings has there, which the LR schedule follows.
+    Counted in images, which holds when the number of processes or the batch size changed."""
+    images_per_batch = batch_size * num_processes
+    if state["images_done"] % images_per_batch:
+        raise UserError(f"the saved state is {state['images_done']} images into an epoch, not a whole number of "
+                        f"batches of {batch_size} x {num_processes} processes: resume mid-epoch with the batch "
+                        f"size and processes it was saved with ({state['batch_size']} x {state['num_processes']})"
+                        ", or from a state saved at the end of an epoch")
+    batches = state["images_done"] // images_per_batch
+    return batches, (state["epoch"] + 1) * updates_per_epoch + batches // gradient_accumulation_steps
+
+
+class StopOnSignal:
+    """SIGTERM (preemption) and SIGUSR1 (SLURM's --signal) ask the run to stop: every process finishes its
+    step, the resumable state is saved where the run stands, and it exits. Processes agree on the update at
+    which they stop through accelerate's trigger, an all-reduce that makes the CPU wait for the device, so
+    several processes check it every CHECK_EVERY updates only."""
+    CHECK_EVERY = 10
+
+    def __init__(self):
+        self.signum = None
+        self.handled = (signal.SIGTERM, signal.SIGUSR1)
+        if threading.current_thread() is threading.main_thread():  # Python takes signals there only
+            for signum in self.handled:
+                signal.signal(signum, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, accelerator, update=None):
+        """Whether to stop now; the same answer on every process. Call it on all of them at the same point."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        if update is not None and update % self.CHECK_EVERY:
+            return False
+        if self.signum is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def stop(self, latest_dir, state):
+        signum = self.signum or signal.SIGTERM
+        logger.info(f"Stopped by {signal.Signals(signum).name} at update {state['global_step']}; the resumable "
+                    f"state is in {latest_dir}. To go on, run the same command with --resume_from_checkpoint latest")
+        raise SystemExit(128 + signum)
+
+    def restore(self):
+        """Back to the default actions: past the training loop, a signal should end the run at once."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.handled:
+                signal.signal(signum, signal.SIG_DFL)
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: prediction, evaluation and the soft labels
+# ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, loader, accelerator, tta=False, desc="predicting"):
+def predict_probs(model, loader, accelerator, tta=False, desc="predicting"):
     """P(spoof), P(live) for every image of loader, each counted once across processes.
     Returns (probs [N, 2], dataset indices [N], decoded-ok mask [N]) on every process."""
     model.eval()
     probs, indices, oks = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for batch in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        wfas_data.check_batch(batch, log_warning_here)
         batch_probs = model(batch["image"]).float().softmax(-1)
         if tta:
             batch_probs = (batch_probs + model(batch["image"].flip(-1)).float().softmax(-1)) / 2
-        for error in batch["error"]:
-            if error:
-                logger.warning(f"skipping unreadable image {error}", main_process_only=False)
         # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
         batch_probs, batch_indices, batch_ok = accelerator.gather_for_metrics(
             (batch_probs, batch["index"], batch["ok"].to(torch.uint8)))
@@ -218,7 +418,7 @@ def predict(model, loader, accelerator, tta=False, desc="predicting"):
 
 def evaluate(model, loader, split_table, accelerator, threshold=None, tta=False, desc="val"):
     """Loss and WFAS metrics of one split; the threshold is the EER point of these scores unless given."""
-    probs, indices, ok = predict(model, loader, accelerator, tta, desc)
+    probs, indices, ok = predict_probs(model, loader, accelerator, tta, desc)
     probs, indices = probs[ok], indices[ok]
     labels = split_table.label[indices]
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -227,51 +427,11 @@ def evaluate(model, loader, split_table, accelerator, threshold=None, tta=False,
     return metrics
 
 
-def save_best(accelerator, model, path, metadata):
-    """Weights only, in safetensors, written aside and renamed into place."""
-    if accelerator.is_main_process:
-        # keep_torch_compile=False: the plain module's keys, without torch.compile's "_orig_mod." prefix
-        state_dict = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, tmp,
-                  metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-
-
-def save_latest(accelerator, latest_dir, training_state):
-    """The full accelerate state (model, optimizer, scheduler, RNG) plus our counters. Written aside and
-    swapped in, so a kill leaves either the previous or the new state, never half of one."""
-    tmp, old = latest_dir.with_name(latest_dir.name + ".tmp"), latest_dir.with_name(latest_dir.name + ".old")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        wfas_data.write_json(tmp / "training_state.json", training_state)
-        if latest_dir.exists():
-            latest_dir.rename(old)
-        tmp.rename(latest_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resolve_resume(resume, latest_dir):
-    path = latest_dir if resume == "latest" else Path(resume)
-    if not (path / "training_state.json").is_file():
-        old = path.with_name(path.name + ".old")  # a kill between the two renames of save_latest
-        if (old / "training_state.json").is_file():
-            return old
-        raise UserError(f"--resume_from_checkpoint {resume}: no saved state at {path} "
-                        "(expected a stage1_latest folder written by an earlier run)")
-    return path
-
-
 def write_soft_labels(path, table, probs, indices):
     """{relative image path: [prob_spoof, prob_live]}, loadable with torch.load(..., weights_only=True)."""
     paths = table.paths()
     soft_labels = {paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices, probs)}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = wfas_data.aside(path)
     torch.save(soft_labels, tmp)
     os.replace(tmp, path)
     return len(soft_labels)
@@ -281,8 +441,8 @@ def main(argv=None):
     args = parse_args(argv)
     start_time = time.time()
     output_dir = Path(args.output_dir)
-    ckpt_dir = output_dir / "checkpoints" / "stage1"
-    best_path, latest_dir = ckpt_dir / "stage1_best.safetensors", ckpt_dir / "stage1_latest"
+    ckpt_dir = output_dir / "checkpoints" / STAGE
+    best_path, latest_dir = ckpt_dir / f"{STAGE}_best.safetensors", ckpt_dir / f"{STAGE}_latest"
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -293,24 +453,28 @@ def main(argv=None):
     )
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
-    log_file = setup_logging(accelerator, output_dir / "logs" / "stage1")
+    log_file = setup_logging(accelerator, output_dir / "logs" / STAGE)
 
     if args.download_only:
-        if accelerator.is_main_process:
-            weights = fetch_pretrained(args.model_name, args.model_cache_dir)
-            logger.info(f"Pretrained {args.model_name} weights are in {weights}; compute nodes will reuse them")
-        return {"pretrained_file": str(Path(args.model_cache_dir) / f"{args.model_name}.safetensors")}
+        weights = main_process_first(accelerator, lambda: fetch_pretrained(args.model_name, args.model_cache_dir))
+        logger.info(f"Pretrained {args.model_name} weights are in {weights}; compute nodes will reuse them")
+        return {"pretrained_file": str(weights)}
 
+    # The same seed on every process for the model's init and the seedable sampler's shuffle (taken at
+    # prepare()); a per-process seed after prepare() for augmentation and stochastic depth.
     set_seed(args.seed)
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_KEYS}
-        wfas_data.write_json(output_dir / "stage1_config.json", config)
+        wfas_data.write_json(output_dir / f"{STAGE}_config.json", config)
 
-    with accelerator.main_process_first():  # the main process writes split.csv and fetches weights first
-        table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction, args.test_fraction,
-                                               args.seed, log=logger.info)
-        model = create_model(args)
+    def load_split_and_model():  # the main process writes split.csv and fetches the weights first
+        split_table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction,
+                                                     args.test_fraction, args.seed, log=logger.info)
+        return split_table, create_model(args.model_name, args.img_size, args.pretrained, args.pretrained_file,
+                                         args.model_cache_dir, args.drop_path_rate)
+
+    table, model = main_process_first(accelerator, load_split_and_model)
     data_config = timm.data.resolve_data_config({}, model=model)
     img_size = args.img_size or data_config["input_size"][-1]
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
@@ -336,65 +500,78 @@ def main(argv=None):
                         f"{args.batch_size}; lower --batch_size")
     optimizer = create_optimizer_v2(model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    set_seed(args.seed, device_specific=True)
 
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_updates = args.num_epochs * updates_per_epoch
     if args.max_train_steps:
         total_updates = min(total_updates, args.max_train_steps)
     warmup = min(round(args.warmup_epochs * updates_per_epoch), total_updates // 2)  # short runs still decay
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=max(warmup, 1)),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_updates - warmup, 1),
-                                                   eta_min=args.learning_rate * 0.01),
-    ], milestones=[warmup])
-    accelerator.register_for_checkpointing(scheduler)  # stepped per update by us, saved with the state
+    # The LR is a function of the update count and of this run's settings alone, never saved: a resumed run
+    # follows the schedule of an uninterrupted run with its own settings, whatever the saved one used.
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_updates - warmup, 1), lr_min=args.learning_rate * 0.01,
+                                  warmup_t=warmup, warmup_lr_init=args.learning_rate * 0.01, warmup_prefix=True,
+                                  t_in_epochs=False)
 
-    # epoch: the last finished one; batches_done: batches of the next one already trained (mid-epoch saves)
-    state = {"epoch": -1, "batches_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
-    if args.resume_from_checkpoint:
-        resume_dir = resolve_resume(args.resume_from_checkpoint, latest_dir)
-        accelerator.load_state(str(resume_dir))
-        state = json.loads((resume_dir / "training_state.json").read_text())
+    # epoch: the last finished one; images_done: images of the next one already trained, over all processes
+    state = {"epoch": -1, "images_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
+    skip_batches = 0
+    resume_dir = args.resume_from_checkpoint and resolve_resume(args.resume_from_checkpoint, latest_dir)
+    if resume_dir:
+        state = load_training_state(accelerator, resume_dir)
+        skip_batches, global_step = resume_position(state, args.batch_size, accelerator.num_processes,
+                                                    args.gradient_accumulation_steps, updates_per_epoch)
+        if global_step != state["global_step"]:
+            logger.info(f"The batch size, processes or accumulation changed: the run goes on at update {global_step} "
+                        f"of the new schedule (update {state['global_step']} of the old one)")
+        state["global_step"] = global_step
         logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
-                    + (f" and {state['batches_done']} batches of the next" if state["batches_done"] else "")
+                    + (f" and {skip_batches} batches of the next" if skip_batches else "")
                     + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
-    accelerator.init_trackers("stage1", config={k: v for k, v in vars(args).items()
-                                                if isinstance(v, (int, float, str, bool))})
+    elif args.resume_from_checkpoint:
+        logger.info(f"No saved state in {latest_dir} yet: starting from the beginning")
+    scheduler.step_update(state["global_step"])
+    state.update(batch_size=args.batch_size, num_processes=accelerator.num_processes)
+    accelerator.init_trackers(STAGE, config={k: v for k, v in vars(args).items()
+                                             if isinstance(v, (int, float, str, bool))})
 
-    progress = tqdm(total=total_updates, initial=state["global_step"], desc="stage 1",
-                    disable=not accelerator.is_local_main_process)
+    stopper = StopOnSignal()
+    progress = progress_bar(total=total_updates, initial=state["global_step"], desc="stage 1",
+                            disable=not accelerator.is_local_main_process)
     train_images, train_seconds, epochs_run, loop_start = 0, 0.0, 0, time.time()
     for epoch in range(state["epoch"] + 1, args.num_epochs):
         if state["global_step"] >= total_updates:
             break
         model.train()
         train_loader.set_epoch(epoch)
-        epoch_start, epoch_images, steps, skipped = time.time(), 0, 0, 0
+        epoch_start, epoch_images, steps, undecodable, seen = time.time(), 0, 0, 0, 0
         loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
         # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
-        batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] \
-            else train_loader
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        skip_batches = 0
         for batch in batches:
+            undecodable += wfas_data.check_batch(batch, log_warning_here)
+            seen += len(batch["error"])
+            wfas_data.check_undecodable_share(undecodable, seen)
             with accelerator.accumulate(model):
                 logits = model(batch["image"])
-                ok = batch["ok"]
-                # undecodable images were replaced by zeros; they take no part in the loss
-                loss = F.cross_entropy(logits[ok], batch["label"][ok]) if ok.any() else logits.sum() * 0
+                # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
+                weights = batch["ok"].float()
+                per_image = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+                loss = (per_image * weights).sum() / weights.sum().clamp_min(1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            for error in filter(None, batch["error"]):
-                logger.warning(f"skipping unreadable image {error}", main_process_only=False)
-                skipped += 1
             loss_sum += loss.detach()
             steps += 1
-            state["batches_done"] += 1
-            epoch_images += len(ok) * accelerator.num_processes
+            batch_images = len(batch["error"]) * accelerator.num_processes
+            state["images_done"] += batch_images
+            epoch_images += batch_images
             if accelerator.sync_gradients:
-                scheduler.step()
                 state["global_step"] += 1
+                scheduler.step_update(state["global_step"])
                 progress.update(1)
                 if state["global_step"] % 20 == 0:
                     progress.set_postfix(loss=f"{loss_sum.item() / steps:.4f}",
@@ -402,21 +579,24 @@ def main(argv=None):
                 if args.checkpointing_steps and state["global_step"] % args.checkpointing_steps == 0:
                     save_latest(accelerator, latest_dir, state)
                     logger.info(f"Wrote {latest_dir} at update {state['global_step']} (epoch {epoch + 1}, "
-                                f"batch {state['batches_done']})")
+                                f"{state['images_done']} images)")
+                if stopper.requested(accelerator, state["global_step"]):
+                    save_latest(accelerator, latest_dir, state)
+                    stopper.stop(latest_dir, state)
                 if state["global_step"] >= total_updates:
                     break
         epoch_seconds = time.time() - epoch_start
-        skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
+        undecodable = int(accelerator.reduce(torch.tensor(undecodable, device=accelerator.device), reduction="sum"))
         train_loss = loss_sum.item() / max(steps, 1)
         train_images += epoch_images
         train_seconds += epoch_seconds
 
         val = evaluate(model, val_loader, splits["val"], accelerator, desc="val")
-        state.update(epoch=epoch, batches_done=0)
+        state.update(epoch=epoch, images_done=0)
         improved = val["acer"] < state["best_val_acer"]
         if improved:
             state.update(best_epoch=epoch, best_val_acer=val["acer"])
-            save_best(accelerator, model, best_path, {
+            save_best(accelerator, accelerator.unwrap_model(model, keep_torch_compile=False), best_path, {
                 "model_name": args.model_name, "img_size": str(img_size), "epoch": str(epoch),
                 "face_crop_scale": str(args.face_crop_scale), "val_metrics": val})
         save_latest(accelerator, latest_dir, state)
@@ -425,16 +605,20 @@ def main(argv=None):
         epochs_left = min(args.num_epochs - epoch - 1,
                           math.ceil((total_updates - state["global_step"]) / updates_per_epoch))
         eta = (time.time() - loop_start) / epochs_run * epochs_left
+        lr = optimizer.param_groups[0]["lr"]
         logger.info(f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f}  "
                     f"val loss {val['loss']:.4f}  val {wfas_data.format_metrics(val)}  "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
+                    f"lr {lr:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
-                    + (f"  {skipped} unreadable images skipped" if skipped else ""))
-        accelerator.log({"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                    + (f"  {undecodable} undecodable images skipped" if undecodable else ""))
+        accelerator.log({"train/loss": train_loss, "train/lr": lr,
                          "train/images_per_second": epoch_images / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
+        if stopper.requested(accelerator):
+            stopper.stop(latest_dir, state)
     progress.close()
+    stopper.restore()
 
     if not best_path.is_file():
         raise UserError(f"no best checkpoint at {best_path}: training ran no epoch (check --num_epochs)")
@@ -451,8 +635,9 @@ def main(argv=None):
     soft_loader = accelerator.prepare(loader(wfas_data.FaceDataset(splits["train"], img_size, data_config["mean"],
                                                                    data_config["std"], train=False,
                                                                    face_crop_scale=args.face_crop_scale)))
-    probs, indices, ok = predict(model, soft_loader, accelerator, tta=args.tta, desc="soft labels")
-    soft_labels_path = output_dir / "stage1_soft_labels.pth"
+    probs, indices, ok = predict_probs(model, soft_loader, accelerator, tta=args.tta, desc="soft labels")
+    soft_labels_path = output_dir / f"{STAGE}_soft_labels.pth"
+    train_paths = splits["train"].paths()
     results = {
         "best_epoch": state["best_epoch"] + 1,
         "val": best_val,
@@ -461,15 +646,17 @@ def main(argv=None):
         "soft_labels_path": str(soft_labels_path),
         "num_soft_labels": int(ok.sum()),
         "num_train_images": len(splits["train"]),
+        # stage 2 checks the soft labels' coverage against the images that could be read
+        "undecodable_train_images": sorted(train_paths[i] for i in indices[~ok]),
         "wall_time_s": round(time.time() - start_time, 1),
         "images_per_second": round(train_images / train_seconds, 1) if train_seconds else None,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
     }
     if accelerator.is_main_process:
         write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])
-        wfas_data.write_json(output_dir / "stage1_results.json", results)
+        wfas_data.write_json(output_dir / f"{STAGE}_results.json", results)
         logger.info(f"Wrote {results['num_soft_labels']} soft labels to {soft_labels_path} and results to "
-                    f"{output_dir / 'stage1_results.json'}")
+                    f"{output_dir / f'{STAGE}_results.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

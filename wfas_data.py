@@ -9,9 +9,11 @@ Conventions used everywhere in the project: live = 1, spoof = 0, and a score is 
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +29,11 @@ LIVE, SPOOF = 1, 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# What a file that was read but holds no decodable image raises (PIL reports truncated and unknown data as
+# OSError). Reading the file is a separate step, so a storage fault never lands here.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# An epoch in which more images than this cannot be decoded stops: the data, not a few files, is broken.
+MAX_UNDECODABLE_SHARE = 0.01
 
 # RetinaFace boxes are tight around the face. 1.5x brings in hair, ears and the surroundings where the
 # strongest attack cues live (paper edges, screen bezels, fingers holding a photo), while the face still
@@ -37,6 +43,16 @@ DEFAULT_FACE_CROP_SCALE = 1.5
 
 class UserError(Exception):
     """A problem the user can fix (a path, a file, a setting). Scripts print it as one line and exit 2."""
+
+
+class StorageError(UserError):
+    """A file the split lists that cannot be read (missing, no permission, a stale NFS handle, EIO): the
+    storage is at fault, not the image, so the run stops instead of training on what remains."""
+
+    def __init__(self, path, error):
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(f"cannot read {path} ({reason}); the split lists it, so check that --data_root is right "
+                         "and that its file system is mounted and readable")
 
 
 def run_cli(main):
@@ -145,26 +161,26 @@ def index_wfas(data_root):
 
 
 def index_labelled_list(list_file):
-    """Index a labelled list file: one `relative/path.jpg label [attack_type]` per line, label 1 = live.
-
-    Paths are relative to the list file's folder; a subject is the folder that holds the image."""
+    """Index a labelled list file: one `relative/path.jpg label [attack_type [subject]]` per line, label
+    1 = live. Paths are relative to the list file's folder; without a subject column a subject is the folder
+    that holds the image."""
     list_file = Path(list_file)
     root = list_file.parent
-    paths, labels, attack_types = [], [], []
+    paths, labels, attack_types, subjects = [], [], [], []
     for line_number, line in enumerate(list_file.read_text().splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        if len(fields) < 2 or fields[1] not in ("0", "1"):
-            raise UserError(f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type]` "
+        if not 2 <= len(fields) <= 4 or fields[1] not in ("0", "1"):
+            raise UserError(f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type [subject]]` "
                             f"with label 1 (live) or 0 (spoof), got {line.strip()!r}")
         label = int(fields[1])
         paths.append(fields[0])
         labels.append(label)
         attack_types.append(LIVE_TYPE if label == LIVE else (fields[2] if len(fields) > 2 else "spoof"))
+        subjects.append(fields[3] if len(fields) > 3 else os.path.dirname(fields[0]))
     if not paths:
         raise UserError(f"{list_file} lists no images; expected one `relative/path.jpg label` per line")
-    subjects = [os.path.dirname(p) for p in paths]
     has_bbox = [(root / p).with_suffix(".txt").is_file() for p in paths]
     return _make_table(root, paths, labels, attack_types, subjects, has_bbox)
 
@@ -240,7 +256,7 @@ def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
 
 def write_split_csv(table, csv_path):
     csv_path = Path(csv_path)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    tmp = aside(csv_path)
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "attack_type", "subject", "split"])
@@ -267,20 +283,66 @@ def read_split_csv(csv_path, root):
     return table
 
 
+def check_held_out_splits(table, source):
+    """Val and test must each hold live and spoof images: without both, ACER and the threshold are undefined.
+    Checked when the split is made, before hours of training find it out."""
+    for name in ("val", "test"):
+        labels = table.label[table.split == SPLITS.index(name)]
+        num_live, num_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
+        if num_live and num_spoof:
+            continue
+        subjects = {label: len(np.unique(np.char.add(table.attack_type, table.subject)[table.label == label]))
+                    for label in (LIVE, SPOOF)}
+        raise UserError(f"the {name} split of {source} holds {num_live} live and {num_spoof} spoof images, but "
+                        f"needs both; the split is by subject (the folder that holds an image) and there are "
+                        f"{subjects[LIVE]} live and {subjects[SPOOF]} spoof subjects: put each person's images in "
+                        "a folder of their own, or give the list a subject column (`path label attack_type "
+                        "subject`), or raise --val_fraction / --test_fraction")
+
+
+def check_split_source(table, source, record_path, log=print):
+    """Refuse a split.csv made from other data, or whose images are gone: it would train on a stale list."""
+    csv_path = record_path.with_name("split.csv")
+    data_root = str(source.resolve())
+    if not record_path.is_file():  # a split written before the record existed: adopt it
+        write_json(record_path, {"data_root": data_root, "num_images": len(table)})
+        log(f"Recorded {data_root} as the data of {csv_path}")
+    recorded = json.loads(record_path.read_text())
+    if recorded["data_root"] != data_root:
+        raise UserError(f"{csv_path} was made from {recorded['data_root']}, not {data_root}: use another "
+                        f"--output_dir for other data, or, if the same data moved, set data_root in {record_path}")
+    if recorded["num_images"] != len(table):
+        raise UserError(f"{csv_path} lists {len(table)} images but was written with {recorded['num_images']}: it "
+                        f"is damaged; delete it and {record_path.name} to split the data again")
+    sample = table.paths()[:: math.ceil(len(table) / 64)]  # 64 stats at most: cheap on any file system
+    missing = [p for p in sample if not (table.root / p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(sample)} sampled images of {csv_path} are missing under "
+                        f"{table.root} (e.g. {missing[0]}): the data moved or was deleted; fix --data_root, or "
+                        f"delete {csv_path.name} and {record_path.name} to split what is there now")
+
+
 def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print):
     """Return the table with its split, reusing OUTPUT_DIR/split.csv when it exists so that every run and
-    both stages see the same split. Call it on the main process first (it writes the file)."""
+    both stages see the same split; OUTPUT_DIR/split_source.json records the data it was made from. Call it
+    on the main process first (it writes the files)."""
     source = Path(data_root).expanduser()
     root = source.parent if source.is_file() else resolve_data_root(source)
     csv_path = Path(output_dir) / "split.csv"
+    record_path = csv_path.with_name("split_source.json")
     if csv_path.exists():
         table = read_split_csv(csv_path, root)
+        check_split_source(table, source, record_path, log)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
         table = assign_splits(index_dataset(source), val_fraction, test_fraction, seed)
+        check_held_out_splits(table, source)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+        # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
+        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table)})
         write_split_csv(table, csv_path)
         log(f"Wrote a subject-disjoint split to {csv_path} ({len(table)} images)")
+    check_held_out_splits(table, source)
     train_labels = table.label[table.split == SPLITS.index("train")]
     num_live, num_spoof = int((train_labels == LIVE).sum()), int((train_labels == SPOOF).sum())
     if num_live == 0 or num_spoof == 0:
@@ -305,11 +367,17 @@ def describe_split(table):
 
 def read_bbox(txt_path):
     """RetinaFace points from a bbox file (7 lines of `x y`: box left-top, box right-bottom, 5 landmarks),
-    as a (7, 2) float array, or None when the file is missing or malformed."""
+    as a (7, 2) float array, or None when the file is missing or malformed. Any other read error is a
+    storage fault and raises StorageError."""
     try:
         lines = Path(txt_path).read_text().split("\n")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    except OSError as error:
+        raise StorageError(txt_path, error) from None
+    try:
         points = np.array([[float(v) for v in line.split()] for line in lines if line.strip()], dtype=np.float64)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except ValueError:
         return None
     if points.shape != (7, 2) or not np.isfinite(points).all():
         return None
@@ -334,9 +402,16 @@ def load_face(image_path, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0):
     """Open an image, apply its EXIF orientation, and crop the face from the bbox file next to it.
 
     With min_side, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale when the crop stays at least min_side
-    pixels wide: the decoder does that for free and it is several times faster than a full decode."""
+    pixels wide: the decoder does that for free and it is several times faster than a full decode.
+
+    A file that cannot be read raises StorageError; one that was read but does not decode raises one of
+    DECODE_ERRORS."""
     image_path = Path(image_path)
-    with Image.open(image_path) as image:
+    try:
+        data = image_path.read_bytes()
+    except OSError as error:
+        raise StorageError(image_path, error) from None
+    with Image.open(io.BytesIO(data)) as image:
         rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         width, height = (image.height, image.width) if rotated else image.size
         box = face_crop_box(read_bbox(image_path.with_suffix(".txt")), width, height, face_crop_scale)
@@ -364,9 +439,12 @@ def build_transform(img_size, mean, std, train):
 class FaceDataset(torch.utils.data.Dataset):
     """Face crops of the images in a SampleTable.
 
-    Each item is a dict: image, label, index, ok, error. An image that cannot be decoded gives ok=False, a
-    zero image and the reason in error, so that a multi-hour run logs it and carries on, and batch shapes
-    stay equal across processes."""
+    Each item is a dict: image, label, index, ok, error, error_kind. An image that cannot be decoded gives
+    ok=False, a zero image, the reason in error and error_kind "decode", so that a multi-hour run logs it and
+    carries on, and batch shapes stay equal across processes. A file that cannot be read at all has
+    error_kind "storage": the process that meets it stops the run (check_batch raises); an exception raised
+    in a loader worker would reach it as a traceback instead of one line. Strings stay on the CPU, so
+    checking them never waits for the device."""
 
     def __init__(self, table, img_size, mean, std, train=False, face_crop_scale=DEFAULT_FACE_CROP_SCALE):
         self.root = table.root
@@ -381,13 +459,37 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path = self.root / self.path[index].decode()
+        error, error_kind = "", ""
         try:
             image = self.transform(load_face(path, self.face_crop_scale, min_side=self.img_size))
-            ok, error = True, ""
+        except StorageError as exc:
+            error, error_kind = str(exc), "storage"
         except DECODE_ERRORS as exc:
+            error, error_kind = f"{self.path[index].decode()}: {type(exc).__name__}: {exc}", "decode"
+        if error:
             image = torch.zeros(3, self.img_size, self.img_size)
-            ok, error = False, f"{self.path[index].decode()}: {type(exc).__name__}: {exc}"
-        return {"image": image, "label": int(self.label[index]), "index": index, "ok": ok, "error": error}
+        return {"image": image, "label": int(self.label[index]), "index": index, "ok": not error, "error": error,
+                "error_kind": error_kind}
+
+
+def check_batch(batch, log_warning):
+    """Stop on a file that could not be read; log each image that could not be decoded and return their count."""
+    for error, kind in zip(batch["error"], batch["error_kind"]):
+        if kind == "storage":
+            raise UserError(error)
+    undecodable = [error for error in batch["error"] if error]
+    for error in undecodable:
+        log_warning(f"skipping an image that cannot be decoded: {error}")
+    return len(undecodable)
+
+
+def check_undecodable_share(undecodable, seen):
+    """Stop when more than MAX_UNDECODABLE_SHARE of the images read so far (and at least 10) do not decode:
+    then the data is broken, not a few files, and training on what remains would hide it."""
+    if undecodable >= 10 and undecodable > MAX_UNDECODABLE_SHARE * seen:
+        raise UserError(f"{undecodable} of the {seen} images read so far cannot be decoded (over "
+                        f"{MAX_UNDECODABLE_SHARE:.0%}): the data is damaged; `python wfas_data.py check --data_root "
+                        "DIR --verify_images` lists them")
 
 
 def build_datasets(table, img_size, mean, std, face_crop_scale=DEFAULT_FACE_CROP_SCALE):
@@ -400,22 +502,37 @@ def build_datasets(table, img_size, mean, std, face_crop_scale=DEFAULT_FACE_CROP
 # Evaluation protocol
 # ----------------------------------------------------------------------------------------------------------
 
+def check_scores(scores):
+    """Scores as float64, refusing NaN: sorted, a NaN would pass for the highest score in AUC and EER."""
+    scores = np.asarray(scores, dtype=np.float64)
+    num_nan = int(np.isnan(scores).sum())
+    if num_nan:
+        raise UserError(f"{num_nan} of {len(scores)} scores are NaN: the model's outputs are not finite (training "
+                        "diverged); lower --learning_rate, or use bf16 rather than fp16 mixed precision")
+    return scores
+
+
 def eer_threshold(scores, labels):
-    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only.
+
+    Candidates lie halfway between adjacent distinct scores (and below the lowest, above the highest), never
+    on a score, so the decision at the threshold does not hang on how a score was rounded in a file."""
+    scores, labels = check_scores(scores), np.asarray(labels)
     live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
     if len(live) == 0 or len(spoof) == 0:
         return 0.5
-    candidates = np.append(np.unique(scores), np.inf)
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[min(distinct[0], 0.0) - 1e-6], (distinct[:-1] + distinct[1:]) / 2,
+                                 [max(distinct[-1], 1.0) + 1e-6]])
     apcer = 1 - np.searchsorted(spoof, candidates, side="left") / len(spoof)  # spoof with score >= t
     bpcer = np.searchsorted(live, candidates, side="left") / len(live)        # live with score < t
     best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
-    return float(candidates[best]) if np.isfinite(candidates[best]) else 1.0 + 1e-6
+    return float(candidates[best])
 
 
 def roc_auc(scores, labels):
     """Probability that a live image scores above a spoof image (ties count half)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    scores, labels = check_scores(scores), np.asarray(labels)
     n_live, n_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
     if n_live == 0 or n_spoof == 0:
         return float("nan")
@@ -433,7 +550,7 @@ def compute_metrics(scores, labels, attack_types, threshold=None):
     threshold, the EER point of these scores is used (do that on val, never on test).
 
     Returns threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack and worst_apcer."""
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = check_scores(scores)
     labels = np.asarray(labels)
     attack_types = np.asarray(attack_types).astype(str)
     eer_point = eer_threshold(scores, labels)
@@ -471,12 +588,23 @@ def format_metrics(metrics):
             f"worst-attack APCER {metrics['worst_apcer']:.4f}")
 
 
+def aside(path):
+    """A temporary name next to path, unique to this process, so that writers on several nodes of a shared
+    file system never write into each other's file before the rename."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_json(path, data):
     """Write JSON aside and rename it into place, so a kill never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = aside(path)
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def format_score(score):
+    """The shortest text that reads back as exactly the same float: files reproduce the reported metrics."""
+    return repr(float(score))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,7 +613,11 @@ def write_json(path, data):
 
 def _can_decode(path):
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+    except OSError as error:
+        raise StorageError(path, error) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
         return True
     except DECODE_ERRORS:

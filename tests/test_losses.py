@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from losses import distillation_loss, focal_loss, stage2_loss
 
 
 def test_focal_with_gamma_0_is_cross_entropy():
@@ -87,3 +88,63 @@ def test_total_is_the_weighted_sum_of_its_parts():
     expected = parts["focal"].item() + 0.5 * parts["triplet"].item() + 2.0 * parts["kd"].item()
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert losses.focal_loss(logits, labels).item() == pytest.approx(parts["focal"].item())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.999, 1.0, 2.0])
+def test_focal_gradient_is_finite_for_every_gamma_when_a_sample_is_confidently_right(gamma):
+    logits = torch.tensor([[-200.0, 200.0], [3.0, -1.0], [0.0, 0.0]], requires_grad=True)  # p_t = 1 for the first
+    loss = focal_loss(logits, torch.tensor([1, 0, 1]), gamma=gamma)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_is_exact_for_confident_teachers_at_any_temperature(temperature):
+    teacher = torch.tensor([[1e-20, 1 - 1e-20], [1e-9, 1 - 1e-9], [0.3, 0.7]], dtype=torch.float64)
+    # a student with the teacher's own logits (log p) matches it at every temperature: KD is 0
+    student_logits = teacher.log().float()
+    assert distillation_loss(student_logits, teacher.float(), temperature) == pytest.approx(0, abs=1e-6)
+    # and against another student it equals the KL of the exactly softened distributions
+    other = torch.tensor([[0.0, 5.0], [1.0, 2.0], [-1.0, 1.0]])
+    soft_teacher = torch.softmax(teacher.log() / temperature, dim=1)
+    log_student = torch.log_softmax(other.double() / temperature, dim=1)
+    expected = (soft_teacher * (soft_teacher.log() - log_student)).sum(1).mean() * temperature ** 2
+    assert distillation_loss(other, teacher.float(), temperature).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+class HostSyncDetector(torch.overrides.TorchFunctionMode):
+    """Records what would make the CPU wait for the device: reading a tensor's value, or indexing with a
+    boolean mask (its result size depends on the values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in ("__bool__", "item", "tolist", "nonzero", "any_", "__int__", "__float__"):
+            self.syncs.append(name)
+        if name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in
+                                         (args[1] if isinstance(args[1], tuple) else (args[1],))):
+            self.syncs.append("boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_weighted_out_samples_leave_the_loss_unchanged_without_a_host_sync():
+    torch.manual_seed(0)
+    logits, embeddings = torch.randn(8, 2), torch.randn(8, 16)
+    labels, teacher = torch.tensor([0, 1] * 4), torch.softmax(torch.randn(8, 2), 1)
+    weights = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1.0])  # two undecodable images
+    with HostSyncDetector() as detector:
+        total, parts = stage2_loss(logits, embeddings, labels, teacher, weights=weights)
+    assert detector.syncs == []
+    keep = weights.bool()
+    expected, expected_parts = stage2_loss(logits[keep], embeddings[keep], labels[keep], teacher[keep])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name in parts:
+        assert parts[name].item() == pytest.approx(expected_parts[name].item(), rel=1e-5, abs=1e-7)
+    # nothing usable in the batch: zero, with a finite (zero) gradient
+    logits.requires_grad_(True)
+    total, _ = stage2_loss(logits, embeddings, labels, teacher, weights=torch.zeros(8))
+    total.backward()
+    assert total.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))

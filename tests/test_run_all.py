@@ -54,6 +54,12 @@ def test_demo_path_writes_the_experiment_folder(tmp_path):
     assert "make_demo" not in result.stdout and "Stage 1" not in result.stdout and "Stage 2" in result.stdout
     assert json.loads((exp / "experiment_info.json").read_text())["stage1"]["exit_status"] == "skipped"
 
+    # a requeued job reruns the same command with --resume: the finished stage 1 is kept, stage 2 goes on
+    result = run_all(tmp_path, "--resume", "--stage2_args", SMALL_STAGE2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Stage 1 finished earlier" in result.stdout and "Resumed from" in result.stdout
+    assert json.loads((exp / "experiment_info.json").read_text())["stage1"]["exit_status"] == "ok (earlier run)"
+
 
 def test_unknown_option_is_a_clear_error(tmp_path):
     result = run_all(tmp_path, "--data-root", "x")
@@ -75,3 +81,16 @@ def test_a_failing_stage_1_stops_before_stage_2(tmp_path):
     assert "Stage 2" not in result.stdout
     info = json.loads((tmp_path / "EXP" / "experiment_info.json").read_text())
     assert info["stage1"]["exit_status"].startswith("failed") and info["stage2"]["exit_status"] == "skipped"
+
+
+def test_only_the_main_node_writes_the_shared_experiment_info(tmp_path):
+    data = tmp_path / "not_wfas"
+    data.mkdir()
+    for env in ({"SLURM_NODEID": "1"}, {"ACCELERATE_ARGS": "--machine_rank 1 --num_machines 1"}):
+        result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
+                         "--stage1_args", "--no-pretrained", env=env)
+        assert result.returncode != 0 and "stage 1 failed" in result.stderr
+        assert not (tmp_path / "EXP" / "experiment_info.json").exists()
+    result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
+                     "--stage1_args", "--no-pretrained", env={"SLURM_NODEID": "0"})
+    assert (tmp_path / "EXP" / "experiment_info.json").exists()

@@ -1,5 +1,8 @@
 import json
+import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -9,6 +12,7 @@ import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths
 import train_stage1
@@ -97,10 +101,15 @@ def test_resume_from_latest_continues(stage1_run, demo_root, tmp_path):
     assert not (exp / "checkpoints" / "stage1" / "stage1_latest.tmp").exists()
 
 
-def test_resume_from_a_missing_checkpoint_is_a_clear_error(demo_root, tmp_path):
+def test_resume_latest_without_a_state_starts_fresh_and_a_missing_folder_is_an_error(demo_root, tmp_path):
+    # a requeued job runs the same command every time: the first start has no state yet
+    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path), *TINY_STAGE1,
+                       "--resume_from_checkpoint", "latest"])
+    log = max((tmp_path / "logs" / "stage1").glob("*.log")).read_text()
+    assert "No saved state" in log and "starting from the beginning" in log and "epoch 1/1" in log
     with pytest.raises(UserError, match="no saved state"):
         train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path), *TINY_STAGE1,
-                           "--resume_from_checkpoint", "latest"])
+                           "--resume_from_checkpoint", str(tmp_path / "nowhere")])
 
 
 def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
@@ -108,7 +117,7 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     save_file(source.state_dict(), tmp_path / "weights.safetensors")
     args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto", "--pretrained_file",
                                     str(tmp_path / "weights.safetensors"), "--output_dir", str(tmp_path)])
-    model = train_stage1.create_model(args)
+    model = train_stage1.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
     assert model.get_classifier().out_features == 2
 
@@ -119,7 +128,7 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto",
                                     "--output_dir", str(tmp_path / "EXP")])
     assert args.model_cache_dir == str(cache)
-    model = train_stage1.create_model(args)
+    model = train_stage1.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
 
 
@@ -150,7 +159,9 @@ def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     assert broken not in soft_labels and len(soft_labels) == len(train_paths(exp)) - 1
     assert results["num_soft_labels"] == len(soft_labels)
     log = max((exp / "logs" / "stage1").glob("*.log")).read_text()
-    assert broken in log and "1 unreadable images skipped" in log
+    assert broken in log and "1 undecodable images skipped" in log
+    results = json.loads((exp / "stage1_results.json").read_text())
+    assert results["undecodable_train_images"] == [broken]
 
 
 def test_a_tracker_that_is_not_installed_is_a_clear_error():
@@ -196,15 +207,198 @@ def test_a_run_killed_mid_epoch_resumes_at_the_next_batch(demo_root, tmp_path):
                "--checkpointing_steps", "3", "--output_dir", str(tmp_path)]
     killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in killed.stdout:
-        if "at update 6 (epoch 1, batch 6)" in line:
+        if "at update 6 (epoch 1, 48 images)" in line:
             killed.kill()
             break
     killed.wait()
     state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
-    assert state["epoch"] == -1 and state["batches_done"] == 6 and state["global_step"] == 6
+    assert state["epoch"] == -1 and state["images_done"] == 48 and state["global_step"] == 6
     resumed = run_script(command + ["--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "epoch 0 of 2 done and 6 batches of the next, 6 updates" in resumed.stdout
     updates_per_epoch = len(train_paths(tmp_path)) // 8
     state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
-    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 0, 2 * updates_per_epoch)
+    assert (state["epoch"], state["images_done"], state["global_step"]) == (1, 0, 2 * updates_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+def record_learning_rates():
+    """The learning rate of every optimizer update, as the optimizer sees it."""
+    rates = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    return rates, handle
+
+
+def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_path):
+    command = ["--data_root", str(demo_root), *TINY_STAGE1]
+    rates, handle = record_learning_rates()
+    try:
+        train_stage1.main(command + ["--output_dir", str(tmp_path / "A"), "--num_epochs", "3"])
+        uninterrupted = list(rates)
+        rates.clear()
+        train_stage1.main(command + ["--output_dir", str(tmp_path / "B"), "--num_epochs", "1"])
+        updates_per_epoch = len(rates)
+        rates.clear()
+        train_stage1.main(command + ["--output_dir", str(tmp_path / "B"), "--num_epochs", "3",
+                                     "--resume_from_checkpoint", "latest"])
+    finally:
+        handle.remove()
+    assert len(uninterrupted) == 3 * updates_per_epoch
+    assert rates == pytest.approx(uninterrupted[updates_per_epoch:], rel=1e-12)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # past the warmup: it only decays, never climbs again
+
+
+def test_a_mid_epoch_resume_counts_images_across_world_sizes():
+    state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
+    # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
+    assert train_stage1.resume_position(state, 8, 4, 1, 10) == (3, 33)
+    assert train_stage1.resume_position(state, 8, 2, 1, 20) == (6, 66)
+    assert train_stage1.resume_position(state, 8, 1, 2, 20) == (12, 66)
+    with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
+        train_stage1.resume_position(state, 8, 5, 1, 10)
+
+
+AUGMENTATION_PROBE = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from torchvision import transforms as T
+import train_stage1, wfas_data
+
+jitter, indices = [], []
+get_params = T.ColorJitter.get_params
+def record_jitter(*args):
+    params = get_params(*args)
+    jitter.append([float(p) for p in params[1:4]])
+    return params
+T.ColorJitter.get_params = staticmethod(record_jitter)
+getitem = wfas_data.FaceDataset.__getitem__
+def record_index(self, index):
+    if isinstance(self.transform.transforms[0], T.RandomResizedCrop):
+        indices.append(int(index))
+    return getitem(self, index)
+wfas_data.FaceDataset.__getitem__ = record_index
+train_stage1.main(sys.argv[1:])
+with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
+    json.dump({{"jitter": jitter, "indices": indices}}, f)
+"""
+
+
+def test_processes_draw_their_own_augmentation_but_share_the_shuffle(stage1_run, demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    exp.mkdir()
+    for name in ("split.csv", "split_source.json"):
+        shutil.copy(stage1_run[0] / name, exp / name)
+    probe = tmp_path / "probe.py"
+    probe.write_text(AUGMENTATION_PROBE.format(repo=str(REPO), out=str(tmp_path)))
+    result = launch_two_processes(str(probe), ["--data_root", str(demo_root), "--output_dir", str(exp),
+                                               *TINY_STAGE1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0["jitter"]) == len(rank1["jitter"]) > 0
+    assert rank0["jitter"][:8] != rank1["jitter"][:8]  # the same step, different augmentation
+    # one shuffle shared by both: their shards of the epoch never overlap
+    assert not set(rank0["indices"]) & set(rank1["indices"])
+    assert len(rank0["indices"]) == len(rank1["indices"]) == 4 * 8
+
+
+def test_an_image_gone_after_the_split_stops_the_run_with_one_line(demo_root, tmp_path):
+    root = tmp_path / "WFAS"
+    shutil.copytree(demo_root, root)
+    exp = tmp_path / "EXP"
+    table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
+    # a train image that the start-up check of a sample of files does not look at
+    sampled = set(table.paths()[::math.ceil(len(table) / 64)])
+    gone = next(p for p in table.of_split("train").paths() if p not in sampled)
+    (root / gone).unlink()
+    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(root), "--output_dir", str(exp),
+                         *TINY_STAGE1])
+    assert result.returncode == 2
+    assert f"cannot read {root / gone}" in result.stderr and "mounted" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (exp / "stage1_results.json").exists()
+
+
+def test_undecodable_images_beyond_1_percent_stop_the_run(demo_root, tmp_path):
+    root = tmp_path / "WFAS"
+    shutil.copytree(demo_root, root)
+    exp = tmp_path / "EXP"
+    table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
+    for path in table.of_split("train").paths()[:20]:
+        (root / path).write_bytes(b"not an image")
+    with pytest.raises(UserError, match="cannot be decoded"):
+        train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1])
+
+
+def test_leftover_tmp_and_old_folders_do_not_block_a_resume(stage1_run, demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    ckpt = exp / "checkpoints" / "stage1"
+    for leftover in ("stage1_latest.tmp", "stage1_latest.old"):  # a kill during the swap or during rmtree
+        (ckpt / leftover).mkdir()
+        (ckpt / leftover / "model.safetensors").write_bytes(b"half")
+    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--num_epochs", "2",
+                       "--resume_from_checkpoint", "latest"])
+    assert json.loads((ckpt / "stage1_latest" / "training_state.json").read_text())["epoch"] == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == ["stage1_best.safetensors", "stage1_latest"]
+
+
+def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(stage1_run, tmp_path):
+    ckpt = tmp_path / "checkpoints" / "stage1"
+    shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.tmp")
+    shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.old-1")
+    assert train_stage1.resolve_resume("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.tmp"
+    (ckpt / "stage1_latest.tmp" / "training_state.json").unlink()  # killed while writing .tmp: the old one
+    assert train_stage1.resolve_resume("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.old-1"
+
+
+def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):
+    start = time.time()
+    result = launch_two_processes("train_stage1.py", ["--data_root", str(tmp_path / "nowhere"), "--output_dir",
+                                                      str(tmp_path / "EXP"), *TINY_STAGE1])
+    assert result.returncode != 0 and time.time() - start < 120
+    # each process prints the line and exits itself, none waits at the barrier to be killed
+    assert result.stderr.count("error: --data_root") == 2
+
+
+def test_sigterm_mid_epoch_saves_where_the_run_stands_and_the_same_command_resumes(demo_root, tmp_path):
+    # the same command line for the first start and every restart, as a requeued job runs it
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
+               "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if "stage 1: 1/" in line:  # the first update's progress line
+            run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
+    assert "Stopped by SIGTERM" in "".join(output) and "--resume_from_checkpoint latest" in "".join(output)
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert state["epoch"] == -1 and 0 < state["images_done"] and 0 < state["global_step"] < 4  # mid-epoch
+    resumed = run_script(command)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"and {state['global_step']} batches of the next" in resumed.stdout
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert state["global_step"] == 2 * (len(train_paths(tmp_path)) // 8)  # as many updates as uninterrupted
+
+
+def test_a_resume_says_what_it_could_not_restore(stage1_run, demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    (exp / "checkpoints" / "stage1" / "stage1_latest" / "random_states_0.pkl").unlink()
+    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--num_epochs", "2",
+                       "--resume_from_checkpoint", "latest"])
+    log = max((exp / "logs" / "stage1").glob("*.log")).read_text()
+    assert "Could not load random states" in log
+    assert "saved in" not in log  # save_state's per-file lines stay out
+
+
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines(demo_root, tmp_path):
+    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
+                         str(tmp_path), *TINY_STAGE1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout + result.stderr and "\x1b[" not in result.stdout + result.stderr
+    assert "stage 1: 1/8 (12.5%)" in result.stdout and "ETA" in result.stdout

@@ -207,3 +207,68 @@ def test_skipping_batches_replays_the_epoch_order(balanced):
     torch.manual_seed(1234)
     start_epoch(2)
     assert [batch.tolist() for batch in accelerator.skip_first_batches(loader, 4)] == full[4:]
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+def test_recomputing_the_metrics_from_the_csvs_gives_exactly_the_reported_numbers(stage2_run):
+    exp, _ = stage2_run
+    final = json.loads((exp / "final_results.json").read_text())
+    _, val_labels, val_types, val_scores = read_predictions(exp / "stage2_val_predictions.csv")
+    _, test_labels, test_types, test_scores = read_predictions(exp / "stage2_test_predictions.csv")
+    assert final["threshold"] not in val_scores  # halfway between two scores, never on one
+    val = wfas_data.compute_metrics(val_scores, val_labels, val_types, threshold=final["threshold"])
+    test = wfas_data.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
+    assert (val["acc"], val["acer"]) == (final["val_acc"], final["val_acer"])
+    assert (test["acc"], test["acer"], test["apcer"], test["bpcer"]) == (
+        final["test_acc"], final["test_acer"], final["test_apcer"], final["test_bpcer"])
+    assert test["apcer_per_attack"] == final["test_apcer_per_attack"]
+
+
+def test_submission_scores_keep_12_decimals(stage2_run):
+    exp, _ = stage2_run
+    for line in (exp / "submission.txt").read_text().splitlines():
+        assert len(line.split()[1].split(".")[1]) == 12
+
+
+@pytest.mark.parametrize("list_path, expected", [("WFAS/Dev/Dev.txt", "dev"), ("lists/dev_list.txt", "dev"),
+                                                 ("WFAS/Test/list.txt", "test"), ("x/TEST-2023.txt", "test")])
+def test_the_challenge_set_of_a_list_comes_from_its_name_or_folder(list_path, expected):
+    assert train_stage2.challenge_set(list_path) == expected
+
+
+def test_a_list_that_names_no_set_is_a_clear_error(stage2_run, demo_root, tmp_path):
+    exp, _ = stage2_run
+    with pytest.raises(UserError, match="dev or the test list"):
+        train_stage2.challenge_set(tmp_path / "lists" / "images.txt")
+    (tmp_path / "dev_list.txt").write_text((demo_root / "Dev" / "Dev.txt").read_text())
+    for name in (demo_root / "Dev" / "Dev.txt").read_text().split():
+        (tmp_path / name).write_bytes((demo_root / "Dev" / "data" / name).read_bytes())
+    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(tmp_path),
+                         "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
+                         "--num_workers", "0", "--predict_lists", str(tmp_path / "dev_list.txt")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(line.startswith("dev/") for line in (tmp_path / "submission.txt").read_text().splitlines())
+
+
+def test_soft_labels_are_checked_against_the_images_stage_1_could_decode(stage1_run, demo_root, tmp_path):
+    exp = stage1_run[0]
+    splits = splits_of(exp, demo_root)
+    soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
+    broken = splits["train"].paths()[:2]  # 2 of ~70 images stage 1 could not decode: over 1%
+    for path in broken:
+        del soft_labels[path]
+    torch.save(soft_labels, tmp_path / "stage1_soft_labels.pth")
+    with pytest.raises(UserError, match="< 99%"):  # nothing says why they are missing: another run's file
+        train_stage2.load_soft_labels(tmp_path / "stage1_soft_labels.pth", splits)
+    results = json.loads((exp / "stage1_results.json").read_text())
+    (tmp_path / "stage1_results.json").write_text(json.dumps({**results, "undecodable_train_images": broken}))
+    targets, fallbacks = train_stage2.load_soft_labels(tmp_path / "stage1_soft_labels.pth", splits)
+    assert fallbacks == 2 and targets.shape == (len(splits["train"]), 2)
+
+
+def test_balanced_sampling_with_batches_of_one_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--batch_size 2 or more"):
+        train_stage2.parse_args(["--output_dir", str(tmp_path), "--batch_size", "1"])
+    assert train_stage2.parse_args(["--output_dir", str(tmp_path), "--batch_size", "1",
+                                    "--no-balanced_sampling"]).batch_size == 1

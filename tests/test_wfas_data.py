@@ -1,4 +1,5 @@
 import io
+import shutil
 import json
 import sys
 import time
@@ -272,8 +273,8 @@ def test_metrics_by_hand():
     assert m["acer"] == pytest.approx(1 / 3) and m["acc"] == pytest.approx(4 / 6)
     assert m["apcer_per_attack"] == {"mask": 0.0, "print": 0.5} and m["worst_apcer"] == 0.5
     assert m["auc"] == pytest.approx(8 / 9)  # 8 of the 9 live/spoof pairs are ordered right
-    # the EER point: at t = 0.7, APCER = BPCER = 1/3; every other candidate leaves them apart
-    assert wfas_data.compute_metrics(scores, labels, attack)["threshold"] == pytest.approx(0.7)
+    # the EER point: APCER = BPCER = 1/3 between 0.4 and 0.7; the threshold lies halfway, on no score
+    assert wfas_data.compute_metrics(scores, labels, attack)["threshold"] == pytest.approx(0.55)
 
 
 def test_score_at_threshold_counts_as_live_and_auc_handles_ties():
@@ -291,3 +292,86 @@ def test_prediction_list_entries_may_carry_the_set_folder(tmp_path):
     with pytest.raises(UserError, match="cannot find"):
         (tmp_path / "dev" / "other.txt").write_text("missing.jpg\n")
         wfas_data.read_prediction_list(tmp_path / "dev" / "other.txt")
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+def test_a_missing_or_unreadable_file_is_a_storage_error_not_a_skipped_image(tmp_path):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.jpg")
+    (tmp_path / "folder.jpg").mkdir()  # reading it fails in the OS (EISDIR), as EIO or a stale handle would
+    good, missing, unreadable = dataset_of(tmp_path, ["good.jpg", "gone.jpg", "folder.jpg"])
+    assert good["ok"] and good["error_kind"] == ""
+    for item, name in ((missing, "gone.jpg"), (unreadable, "folder.jpg")):
+        assert not item["ok"] and item["error_kind"] == "storage" and name in item["error"]
+    batch = torch.utils.data.default_collate([good, missing])
+    with pytest.raises(UserError, match="gone.jpg .*check that --data_root is right"):
+        wfas_data.check_batch(batch, log_warning=print)
+
+
+def test_too_many_undecodable_images_stop_the_run():
+    wfas_data.check_undecodable_share(2, 117)  # a few broken files in a small set: logged and skipped
+    wfas_data.check_undecodable_share(9, 10)
+    wfas_data.check_undecodable_share(100, 100_000)
+    with pytest.raises(UserError, match="cannot be decoded"):
+        wfas_data.check_undecodable_share(10, 10)
+    with pytest.raises(UserError, match="over 1%"):
+        wfas_data.check_undecodable_share(1001, 100_000)
+
+
+def test_a_split_is_not_reused_for_other_data_or_once_its_files_are_gone(demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
+    record = json.loads((exp / "split_source.json").read_text())
+    assert record == {"data_root": str(demo_root.resolve()), "num_images": len(table)}
+    other = make_tree(tmp_path / "OTHER", live_subjects=4)
+    with pytest.raises(UserError, match="was made from .* not .*OTHER"):
+        wfas_data.load_or_create_split(other, exp, log=lambda _: None)
+    moved = tmp_path / "MOVED"
+    shutil.copytree(demo_root, moved)
+    for path in table.paths()[::2]:
+        (moved / path).unlink()
+    record["data_root"] = str(moved)  # what the user does for data that moved: then its files are checked
+    (exp / "split_source.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="images of .*split.csv are missing"):
+        wfas_data.load_or_create_split(moved, exp, log=lambda _: None)
+
+
+def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_path):
+    # the common live/*.jpg + spoof/*.jpg layout: one "subject" per class, nothing to hold out
+    for label, folder in ((1, "live"), (0, "spoof")):
+        (tmp_path / folder).mkdir()
+        for i in range(20):
+            Image.new("RGB", (32, 32), (label * 200, 50, 50)).save(tmp_path / folder / f"{i}.jpg")
+    lines = [f"{folder}/{i}.jpg {label}" for label, folder in ((1, "live"), (0, "spoof")) for i in range(20)]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="val split .* holds 0 live and 0 spoof images.*subject column"):
+        wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
+    assert not (tmp_path / "EXP" / "split.csv").exists()
+    # the optional subject column splits it properly: one person per 2 images
+    lines = [f"{folder}/{i}.jpg {label} {folder} person{label}_{i // 2}" for label, folder in
+             ((1, "live"), (0, "spoof")) for i in range(20)]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=lambda _: None)
+    for name in ("val", "test"):
+        assert set(table.of_split(name).label.tolist()) == {LIVE, SPOOF}
+    assert len(np.unique(table.subject)) == 20
+
+
+def test_nan_scores_are_refused_loudly():
+    with pytest.raises(UserError, match="1 of 3 scores are NaN"):
+        wfas_data.compute_metrics([0.2, float("nan"), 0.9], [0, 1, 1], ["x", "live", "live"])
+    with pytest.raises(UserError, match="NaN"):
+        wfas_data.roc_auc([float("nan"), 0.5], [1, 0])
+
+
+def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisions():
+    rng = np.random.default_rng(0)
+    scores = rng.random(500).astype(np.float32).astype(np.float64)
+    labels = (rng.random(500) < scores).astype(int)
+    threshold = wfas_data.eer_threshold(scores, labels)
+    assert threshold not in scores
+    exact = wfas_data.compute_metrics(scores, labels, ["live" if l else "x" for l in labels], threshold)
+    read_back = np.array([float(wfas_data.format_score(s)) for s in scores])
+    assert np.array_equal(read_back, scores)
+    again = wfas_data.compute_metrics(read_back, labels, ["live" if l else "x" for l in labels], threshold)
+    assert again == exact
