@@ -386,6 +386,14 @@ class StopOnSignal:
                     f"state is in {latest_dir}. To go on, run the same command with --resume_from_checkpoint latest")
         raise SystemExit(128 + signum)
 
+    @staticmethod
+    def shield_loader_worker(worker_id):
+        """A DataLoader worker_init_fn. Schedulers signal every process of a job, loader workers too, and a
+        worker dies of SIGTERM by default, which would break the step the run is finishing; workers ignore
+        the stop signals and are shut down by their parent as usual."""
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+
     def restore(self):
         """Back to the default actions: past the training loop, a signal should end the run at once."""
         if threading.current_thread() is threading.main_thread():
@@ -492,7 +500,8 @@ def main(argv=None):
     def loader(dataset, train=False):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, drop_last=train,
                                            num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=train and args.num_workers > 0)
+                                           persistent_workers=train and args.num_workers > 0,
+                                           worker_init_fn=StopOnSignal.shield_loader_worker)
 
     train_loader, val_loader = loader(datasets["train"], train=True), loader(datasets["val"])
     if len(train_loader) == 0:

@@ -34,11 +34,16 @@ def split_paths(exp, name):
         return [row["path"] for row in csv.DictReader(f) if row["split"] == name]
 
 
+def two_process_command(script, args):
+    """Two real gloo processes on CPU (accelerate launch --cpu would silently run one); needs
+    ACCELERATE_USE_CPU=1 in the environment."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "29531", str(REPO / script), *args]
+
+
 def launch_two_processes(script, args):
-    """Two real gloo processes on CPU (accelerate launch --cpu would silently run one)."""
-    return run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "--main_process_port", "29531", str(REPO / script), *args], env={"ACCELERATE_USE_CPU": "1"})
+    return run_script(two_process_command(script, args), env={"ACCELERATE_USE_CPU": "1"})
 
 
 @pytest.fixture(scope="session")

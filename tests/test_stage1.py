@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths
+from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths, two_process_command
 import train_stage1
 import wfas_data
 from wfas_data import UserError
@@ -289,8 +289,7 @@ with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
 def test_processes_draw_their_own_augmentation_but_share_the_shuffle(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     exp.mkdir()
-    for name in ("split.csv", "split_source.json"):
-        shutil.copy(stage1_run[0] / name, exp / name)
+    shutil.copy(stage1_run[0] / "split.csv", exp / "split.csv")
     probe = tmp_path / "probe.py"
     probe.write_text(AUGMENTATION_PROBE.format(repo=str(REPO), out=str(tmp_path)))
     result = launch_two_processes(str(probe), ["--data_root", str(demo_root), "--output_dir", str(exp),
@@ -363,26 +362,47 @@ def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):
     assert result.stderr.count("error: --data_root") == 2
 
 
-def test_sigterm_mid_epoch_saves_where_the_run_stands_and_the_same_command_resumes(demo_root, tmp_path):
-    # the same command line for the first start and every restart, as a requeued job runs it
-    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
-               "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+def stop_with_a_signal(command, signum):
+    """Start command in a process group of its own and, after its first update, signal the whole group as a
+    scheduler does (loader workers and launcher included). Returns (exit code, output)."""
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"})
     output = []
     for line in run.stdout:
         output.append(line)
         if "stage 1: 1/" in line:  # the first update's progress line
-            run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
-    assert "Stopped by SIGTERM" in "".join(output) and "--resume_from_checkpoint latest" in "".join(output)
+            os.killpg(run.pid, signum)
+    return run.wait(timeout=120), "".join(output)
+
+
+def test_sigusr1_mid_epoch_saves_where_the_run_stands_and_the_same_command_resumes(demo_root, tmp_path):
+    # the same command line for the first start and every restart, as a requeued job runs it
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
+               "--num_workers", "1", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    returncode, output = stop_with_a_signal(command, signal.SIGUSR1)  # as SLURM's --signal=USR1@... sends it
+    assert returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert "Stopped by SIGUSR1" in output and "--resume_from_checkpoint latest" in output
     state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
-    assert state["epoch"] == -1 and 0 < state["images_done"] and 0 < state["global_step"] < 4  # mid-epoch
+    assert state["epoch"] == -1 and 0 < state["global_step"] < 4 and state["images_done"] == 8 * state["global_step"]
     resumed = run_script(command)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"and {state['global_step']} batches of the next" in resumed.stdout
     state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
     assert state["global_step"] == 2 * (len(train_paths(tmp_path)) // 8)  # as many updates as uninterrupted
+
+
+def test_sigterm_stops_two_processes_at_the_same_update_mid_epoch(stage1_run, demo_root, tmp_path):
+    shutil.copy(stage1_run[0] / "split.csv", tmp_path / "split.csv")
+    args = ["--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2", "--batch_size", "2",
+            "--num_workers", "1", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    returncode, output = stop_with_a_signal(two_process_command("train_stage1.py", args), signal.SIGTERM)
+    assert returncode != 0 and output.count("Stopped by SIGTERM at update 10;") == 1, output[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["images_done"]) == (-1, 10, 10 * 2 * 2)
+    resumed = launch_two_processes("train_stage1.py", args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert state["global_step"] == 2 * (len(train_paths(tmp_path)) // 4)
 
 
 def test_a_resume_says_what_it_could_not_restore(stage1_run, demo_root, tmp_path):

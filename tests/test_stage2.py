@@ -216,7 +216,8 @@ def test_recomputing_the_metrics_from_the_csvs_gives_exactly_the_reported_number
     final = json.loads((exp / "final_results.json").read_text())
     _, val_labels, val_types, val_scores = read_predictions(exp / "stage2_val_predictions.csv")
     _, test_labels, test_types, test_scores = read_predictions(exp / "stage2_test_predictions.csv")
-    assert final["threshold"] not in val_scores  # halfway between two scores, never on one
+    # the scores as computed (float32 probabilities), not rounded; the threshold halfway between two of them
+    assert np.array_equal(val_scores.astype(np.float32), val_scores) and final["threshold"] not in val_scores
     val = wfas_data.compute_metrics(val_scores, val_labels, val_types, threshold=final["threshold"])
     test = wfas_data.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
     assert (val["acc"], val["acer"]) == (final["val_acc"], final["val_acer"])
