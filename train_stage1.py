@@ -41,6 +41,10 @@ from wfas_data import UserError
 STAGE = "stage1"
 logger = get_logger(STAGE)
 
+# Per-image brightness, contrast and saturation factors in [0.9, 1.1], drawn on the device (light: the attack
+# cues include colour casts)
+COLOR_JITTER = 0.1
+
 # Flags that control one invocation rather than describe the experiment; they stay out of stage1_config.json.
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only")
 
@@ -57,7 +61,13 @@ def build_parser():
     group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
                        help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
-    group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    group.add_argument("--num_workers", type=int, default=None,
+                       help="loader workers per process (default: this node's cores shared by its processes, up to 12)")
+    group.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="read face crops from a cache built once (memory-mapped shards of small JPEGs) rather "
+                            "than decoding the original photos every epoch")
+    group.add_argument("--face_cache_dir", help="where face caches live; share one between experiments on the same "
+                                                "data (default: EXP/face_cache)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model_name", default="convnext_base", help="any timm model")
@@ -141,6 +151,8 @@ def parse_with_config(parser, argv):
                         f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
     if args.model_cache_dir is None:
         args.model_cache_dir = str(Path(args.output_dir) / "model" / STAGE / args.model_name)
+    if args.face_cache_dir is None:
+        args.face_cache_dir = str(Path(args.output_dir) / "face_cache")
     return args
 
 
@@ -405,16 +417,17 @@ class StopOnSignal:
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict_probs(model, loader, accelerator, tta=False, desc="predicting"):
+def predict_probs(model, loader, accelerator, data_config, tta=False, desc="predicting"):
     """P(spoof), P(live) for every image of loader, each counted once across processes.
     Returns (probs [N, 2], dataset indices [N], decoded-ok mask [N]) on every process."""
     model.eval()
     probs, indices, oks = [], [], []
     for batch in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         wfas_data.check_batch(batch, log_warning_here)
-        batch_probs = model(batch["image"]).float().softmax(-1)
+        images = wfas_data.to_model_input(batch["image"], data_config["mean"], data_config["std"])
+        batch_probs = model(images).float().softmax(-1)
         if tta:
-            batch_probs = (batch_probs + model(batch["image"].flip(-1)).float().softmax(-1)) / 2
+            batch_probs = (batch_probs + model(images.flip(-1)).float().softmax(-1)) / 2
         # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
         batch_probs, batch_indices, batch_ok = accelerator.gather_for_metrics(
             (batch_probs, batch["index"], batch["ok"].to(torch.uint8)))
@@ -424,9 +437,9 @@ def predict_probs(model, loader, accelerator, tta=False, desc="predicting"):
     return torch.cat(probs).numpy(), torch.cat(indices).numpy(), torch.cat(oks).numpy().astype(bool)
 
 
-def evaluate(model, loader, split_table, accelerator, threshold=None, tta=False, desc="val"):
+def evaluate(model, loader, split_table, accelerator, data_config, threshold=None, tta=False, desc="val"):
     """Loss and WFAS metrics of one split; the threshold is the EER point of these scores unless given."""
-    probs, indices, ok = predict_probs(model, loader, accelerator, tta, desc)
+    probs, indices, ok = predict_probs(model, loader, accelerator, data_config, tta, desc)
     probs, indices = probs[ok], indices[ok]
     labels = split_table.label[indices]
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -486,22 +499,26 @@ def main(argv=None):
     data_config = timm.data.resolve_data_config({}, model=model)
     img_size = args.img_size or data_config["input_size"][-1]
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
-    datasets = wfas_data.build_datasets(table, img_size, data_config["mean"], data_config["std"],
-                                        args.face_crop_scale)
+    loader_settings = wfas_data.default_loader_settings(args.num_workers)
+    cache = wfas_data.build_face_cache(
+        table, args.face_cache_dir, img_size, args.face_crop_scale, loader_settings["num_workers"],
+        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, logger.info,
+    ) if args.face_cache else None
+    datasets = wfas_data.build_datasets(table, img_size, args.face_crop_scale, cache)
 
     logger.info(f"Stage 1: {args.model_name} ({'pretrained' if args.pretrained else 'from scratch'}), "
                 f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                 f"mixed precision {accelerator.mixed_precision}, image size {img_size}, "
                 f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}")
     logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
+    logger.info(wfas_data.describe_loader(loader_settings, cache))
     if log_file:
         logger.info(f"Logging to {log_file}")
 
     def loader(dataset, train=False):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, drop_last=train,
-                                           num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=train and args.num_workers > 0,
-                                           worker_init_fn=StopOnSignal.shield_loader_worker)
+                                           persistent_workers=train and loader_settings["num_workers"] > 0,
+                                           worker_init_fn=StopOnSignal.shield_loader_worker, **loader_settings)
 
     train_loader, val_loader = loader(datasets["train"], train=True), loader(datasets["val"])
     if len(train_loader) == 0:
@@ -553,17 +570,21 @@ def main(argv=None):
             break
         model.train()
         train_loader.set_epoch(epoch)
-        epoch_start, epoch_images, steps, undecodable, seen = time.time(), 0, 0, 0, 0
+        epoch_start, epoch_images, steps, undecodable, seen, data_wait = time.time(), 0, 0, 0, 0, 0.0
         loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
         # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         skip_batches = 0
+        waiting_since = time.perf_counter()
         for batch in batches:
+            data_wait += time.perf_counter() - waiting_since
             undecodable += wfas_data.check_batch(batch, log_warning_here)
             seen += len(batch["error"])
             wfas_data.check_undecodable_share(undecodable, seen)
             with accelerator.accumulate(model):
-                logits = model(batch["image"])
+                images = wfas_data.to_model_input(batch["image"], data_config["mean"], data_config["std"],
+                                                  color_jitter=COLOR_JITTER)
+                logits = model(images)
                 # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
                 weights = batch["ok"].float()
                 per_image = F.cross_entropy(logits.float(), batch["label"], reduction="none")
@@ -594,13 +615,14 @@ def main(argv=None):
                     stopper.stop(latest_dir, state)
                 if state["global_step"] >= total_updates:
                     break
+            waiting_since = time.perf_counter()
         epoch_seconds = time.time() - epoch_start
         undecodable = int(accelerator.reduce(torch.tensor(undecodable, device=accelerator.device), reduction="sum"))
         train_loss = loss_sum.item() / max(steps, 1)
         train_images += epoch_images
         train_seconds += epoch_seconds
 
-        val = evaluate(model, val_loader, splits["val"], accelerator, desc="val")
+        val = evaluate(model, val_loader, splits["val"], accelerator, data_config, desc="val")
         state.update(epoch=epoch, images_done=0)
         improved = val["acer"] < state["best_val_acer"]
         if improved:
@@ -617,12 +639,13 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         logger.info(f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f}  "
                     f"val loss {val['loss']:.4f}  val {wfas_data.format_metrics(val)}  "
-                    f"lr {lr:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
+                    f"lr {lr:.2e}  {epoch_images / epoch_seconds:.0f} img/s  data wait {data_wait / epoch_seconds:.0%}  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {undecodable} undecodable images skipped" if undecodable else ""))
         accelerator.log({"train/loss": train_loss, "train/lr": lr,
                          "train/images_per_second": epoch_images / epoch_seconds,
+                         "train/data_wait_share": data_wait / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
         if stopper.requested(accelerator):
             stopper.stop(latest_dir, state)
@@ -634,17 +657,16 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(best_path))
     # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
-    best_val = evaluate(model, val_loader, splits["val"], accelerator, tta=args.tta, desc="val")
+    best_val = evaluate(model, val_loader, splits["val"], accelerator, data_config, tta=args.tta, desc="val")
     logger.info(f"Best epoch {state['best_epoch'] + 1}: val {wfas_data.format_metrics(best_val)}")
     test_loader = accelerator.prepare(loader(datasets["test"]))
-    test = evaluate(model, test_loader, splits["test"], accelerator, threshold=best_val["threshold"],
+    test = evaluate(model, test_loader, splits["test"], accelerator, data_config, threshold=best_val["threshold"],
                     tta=args.tta, desc="test")
     logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
 
-    soft_loader = accelerator.prepare(loader(wfas_data.FaceDataset(splits["train"], img_size, data_config["mean"],
-                                                                   data_config["std"], train=False,
-                                                                   face_crop_scale=args.face_crop_scale)))
-    probs, indices, ok = predict_probs(model, soft_loader, accelerator, tta=args.tta, desc="soft labels")
+    soft_loader = accelerator.prepare(loader(wfas_data.FaceDataset(splits["train"], img_size, train=False,
+                                                                   face_crop_scale=args.face_crop_scale, cache=cache)))
+    probs, indices, ok = predict_probs(model, soft_loader, accelerator, data_config, tta=args.tta, desc="soft labels")
     soft_labels_path = output_dir / f"{STAGE}_soft_labels.pth"
     train_paths = splits["train"].paths()
     results = {

@@ -46,6 +46,10 @@ from wfas_data import LIVE, SPOOF, UserError
 STAGE = "stage2"
 logger = get_logger(STAGE)
 
+# Per-image brightness, contrast and saturation factors in [0.9, 1.1], drawn on the device (light: the attack
+# cues include colour casts)
+COLOR_JITTER = 0.1
+
 # Flags that control one invocation rather than describe the experiment; they stay out of stage2_config.json.
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only", "predict_only", "checkpoint")
 
@@ -62,7 +66,13 @@ def build_parser():
                        help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size, fixed at creation for MaxViT "
                                                                   "(default: the model's)")
-    group.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    group.add_argument("--num_workers", type=int, default=None,
+                       help="loader workers per process (default: this node's cores shared by its processes, up to 12)")
+    group.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="read face crops from a cache built once (memory-mapped shards of small JPEGs) rather "
+                            "than decoding the original photos every epoch")
+    group.add_argument("--face_cache_dir", help="where face caches live; share one between experiments on the same "
+                                                "data (default: EXP/face_cache)")
     group.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction, default=None,
                        help="half live, half spoof batches (default: on when --triplet_weight > 0)")
 
@@ -173,6 +183,8 @@ def parse_with_config(parser, argv):
                         f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
     if args.model_cache_dir is None:
         args.model_cache_dir = str(Path(args.output_dir) / "model" / STAGE / args.model_name)
+    if args.face_cache_dir is None:
+        args.face_cache_dir = str(Path(args.output_dir) / "face_cache")
     return args
 
 
@@ -526,16 +538,17 @@ def load_soft_labels(path, splits):
 
 
 @torch.no_grad()
-def predict_scores(model, loader, accelerator, tta=False, desc="predicting"):
+def predict_scores(model, loader, accelerator, data_config, tta=False, desc="predicting"):
     """P(live) for every image of loader, each counted once across processes.
     Returns (scores [N], dataset indices [N], decoded-ok mask [N]) on every process."""
     model.eval()
     scores, indices, oks = [], [], []
     for batch in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         wfas_data.check_batch(batch, log_warning_here)
-        batch_scores = model(batch["image"])[0].float().softmax(-1)[:, LIVE]
+        images = wfas_data.to_model_input(batch["image"], data_config["mean"], data_config["std"])
+        batch_scores = model(images)[0].float().softmax(-1)[:, LIVE]
         if tta:
-            batch_scores = (batch_scores + model(batch["image"].flip(-1))[0].float().softmax(-1)[:, LIVE]) / 2
+            batch_scores = (batch_scores + model(images.flip(-1))[0].float().softmax(-1)[:, LIVE]) / 2
         # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
         batch_scores, batch_indices, batch_ok = accelerator.gather_for_metrics(
             (batch_scores, batch["index"], batch["ok"].to(torch.uint8)))
@@ -545,9 +558,9 @@ def predict_scores(model, loader, accelerator, tta=False, desc="predicting"):
     return torch.cat(scores).numpy(), torch.cat(indices).numpy(), torch.cat(oks).numpy().astype(bool)
 
 
-def score_split(model, loader, split_table, accelerator, tta=False, desc="val"):
+def score_split(model, loader, split_table, accelerator, data_config, tta=False, desc="val"):
     """(paths, labels, attack types, scores) of the decodable images of one split, in dataset order."""
-    scores, indices, ok = predict_scores(model, loader, accelerator, tta, desc)
+    scores, indices, ok = predict_scores(model, loader, accelerator, data_config, tta, desc)
     order = np.argsort(indices[ok], kind="stable")
     indices, scores = indices[ok][order], scores[ok][order]
     paths, attack_types = np.array(split_table.paths()), np.array(split_table.attack_types())
@@ -588,11 +601,16 @@ def write_submission(model, accelerator, args, img_size, data_config, face_crop_
     for list_file in sorted(args.predict_lists, key=lambda p: sets[p] != "dev"):
         folder, names = wfas_data.read_prediction_list(list_file)
         table = wfas_data.unlabelled_table(folder, names)
-        dataset = wfas_data.FaceDataset(table, img_size, data_config["mean"], data_config["std"],
-                                        face_crop_scale=face_crop_scale)
+        loader_settings = wfas_data.default_loader_settings(args.num_workers)
+        cache = wfas_data.build_face_cache(
+            table, args.face_cache_dir, img_size, face_crop_scale, loader_settings["num_workers"],
+            accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, logger.info,
+        ) if args.face_cache else None
+        dataset = wfas_data.FaceDataset(table, img_size, face_crop_scale=face_crop_scale, cache=cache)
         loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
-                                                                 num_workers=args.num_workers))
-        scores, indices, ok = predict_scores(model, loader, accelerator, args.tta, desc=Path(list_file).name)
+                                                                 **loader_settings))
+        scores, indices, ok = predict_scores(model, loader, accelerator, data_config, args.tta,
+                                             desc=Path(list_file).name)
         list_scores = np.full(len(names), 0.5)
         list_scores[indices[ok]] = scores[ok]
         if (~ok).any():
@@ -679,8 +697,12 @@ def main(argv=None):
         args.drop_path_rate))
     data_config = timm.data.resolve_data_config({}, model=net)
     img_size = args.img_size or data_config["input_size"][-1]
-    datasets = wfas_data.build_datasets(table, img_size, data_config["mean"], data_config["std"],
-                                        args.face_crop_scale)
+    loader_settings = wfas_data.default_loader_settings(args.num_workers)
+    cache = wfas_data.build_face_cache(
+        table, args.face_cache_dir, img_size, args.face_crop_scale, loader_settings["num_workers"],
+        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, logger.info,
+    ) if args.face_cache else None
+    datasets = wfas_data.build_datasets(table, img_size, args.face_crop_scale, cache)
 
     logger.info(f"Stage 2: {args.model_name} ({'pretrained' if args.pretrained else 'from scratch'}), "
                 f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
@@ -688,6 +710,7 @@ def main(argv=None):
                 f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}"
                 f"{', class-balanced' if args.balanced_sampling else ''}")
     logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
+    logger.info(wfas_data.describe_loader(loader_settings, cache))
     logger.info(f"Soft labels {args.soft_labels_path}: {len(splits['train']) - num_fallback} train images, "
                 f"{num_fallback} fall back to their hard label")
     logger.info(f"Loss = {args.focal_weight} focal(gamma {args.focal_gamma}) + {args.triplet_weight} "
@@ -695,14 +718,13 @@ def main(argv=None):
     if log_file:
         logger.info(f"Logging to {log_file}")
 
-    workers = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                   worker_init_fn=StopOnSignal.shield_loader_worker)
+    workers = dict(worker_init_fn=StopOnSignal.shield_loader_worker, **loader_settings)
 
     def loader(dataset):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, **workers)
 
     train_sampler = None
-    persistent = args.num_workers > 0
+    persistent = loader_settings["num_workers"] > 0
     if args.balanced_sampling:
         train_sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed)
         train_loader = torch.utils.data.DataLoader(datasets["train"], batch_sampler=train_sampler,
@@ -767,18 +789,22 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
-        epoch_start, epoch_images, steps, undecodable, seen = time.time(), 0, 0, 0, 0
+        epoch_start, epoch_images, steps, undecodable, seen, data_wait = time.time(), 0, 0, 0, 0, 0.0
         # summed on the device: .item() every step would wait for the GPU
         sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "focal", "triplet", "kd")}
         # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         skip_batches = 0
+        waiting_since = time.perf_counter()
         for batch in batches:
+            data_wait += time.perf_counter() - waiting_since
             undecodable += wfas_data.check_batch(batch, log_warning_here)
             seen += len(batch["error"])
             wfas_data.check_undecodable_share(undecodable, seen)
             with accelerator.accumulate(model):
-                logits, embeddings = model(batch["image"])
+                images = wfas_data.to_model_input(batch["image"], data_config["mean"], data_config["std"],
+                                                  color_jitter=COLOR_JITTER)
+                logits, embeddings = model(images)
                 # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
                 loss, parts = losses.stage2_loss(logits, embeddings, batch["label"], soft_targets[batch["index"]],
                                                  weights=batch["ok"].float(), **loss_weights)
@@ -810,13 +836,14 @@ def main(argv=None):
                     stopper.stop(latest_dir, state)
                 if state["global_step"] >= total_updates:
                     break
+            waiting_since = time.perf_counter()
         epoch_seconds = time.time() - epoch_start
         undecodable = int(accelerator.reduce(torch.tensor(undecodable, device=accelerator.device), reduction="sum"))
         train_images += epoch_images
         train_seconds += epoch_seconds
         train = {name: value.item() / max(steps, 1) for name, value in sums.items()}
 
-        paths, labels, attack_types, scores = score_split(model, val_loader, splits["val"], accelerator)
+        paths, labels, attack_types, scores = score_split(model, val_loader, splits["val"], accelerator, data_config)
         val = wfas_data.compute_metrics(scores, labels, attack_types)
         state.update(epoch=epoch, images_done=0)
         improved = val["acer"] < state["best_val_acer"]
@@ -834,12 +861,13 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         logger.info(f"epoch {epoch + 1}/{args.num_epochs}  loss {train['loss']:.4f} (focal {train['focal']:.4f} "
                     f"triplet {train['triplet']:.4f} kd {train['kd']:.4f})  val {wfas_data.format_metrics(val)}  "
-                    f"lr {lr:.2e}  {epoch_images / epoch_seconds:.0f} img/s  "
+                    f"lr {lr:.2e}  {epoch_images / epoch_seconds:.0f} img/s  data wait {data_wait / epoch_seconds:.0%}  "
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {undecodable} undecodable images skipped" if undecodable else ""))
         accelerator.log({**{f"train/{k}": v for k, v in train.items()}, "train/lr": lr,
                          "train/images_per_second": epoch_images / epoch_seconds,
+                         "train/data_wait_share": data_wait / epoch_seconds,
                          **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
         if stopper.requested(accelerator):
             stopper.stop(latest_dir, state)
@@ -852,10 +880,10 @@ def main(argv=None):
     accelerator.unwrap_model(model, keep_torch_compile=False).net.load_state_dict(load_file(best_path))
 
     # The threshold is the EER point of the best model on val; test is scored at it, never fitted on test.
-    val_rows = score_split(model, val_loader, splits["val"], accelerator, args.tta, desc="val")
+    val_rows = score_split(model, val_loader, splits["val"], accelerator, data_config, args.tta, desc="val")
     val = wfas_data.compute_metrics(val_rows[3], val_rows[1], val_rows[2])
     test_loader = accelerator.prepare(loader(datasets["test"]))
-    test_rows = score_split(model, test_loader, splits["test"], accelerator, args.tta, desc="test")
+    test_rows = score_split(model, test_loader, splits["test"], accelerator, data_config, args.tta, desc="test")
     test = wfas_data.compute_metrics(test_rows[3], test_rows[1], test_rows[2], threshold=val["threshold"])
     stage1_results = output_dir / "stage1_results.json"
     teacher_test = json.loads(stage1_results.read_text())["test"] if stage1_results.is_file() else {}

@@ -44,20 +44,19 @@ def make_tree(root, live_subjects=3, spoof_types=("2D-Print-Photo", "3D-Mask"), 
 
 @pytest.mark.parametrize("box", [(60, 70, 20, 20), (-30, -40, 50, 60), (40, 50, 500, 600), (20, 70, 60, 20)])
 def test_crop_box_normalises_reversed_negative_and_outside_boxes(box):
-    points = np.array([box[:2], box[2:]] + [(0, 0)] * 5, dtype=float)
-    left, top, right, bottom = wfas_data.face_crop_box(points, 80, 90, scale=1.5)
+    left, top, right, bottom = wfas_data.face_crop_box(np.array(box, dtype=np.float32), 80, 90, scale=1.5)
     assert 0 <= left < right <= 80 and 0 <= top < bottom <= 90
     assert right - left == pytest.approx(bottom - top)  # square
 
 
 def test_crop_box_expands_by_scale_and_stays_centred():
-    points = np.array([(30, 30), (50, 50)] + [(0, 0)] * 5, dtype=float)
-    assert wfas_data.face_crop_box(points, 200, 200, scale=1.5) == pytest.approx((25, 25, 55, 55))
+    assert wfas_data.face_crop_box(np.array([30, 30, 50, 50.0]), 200, 200, scale=1.5) == pytest.approx((25, 25, 55, 55))
 
 
 def test_crop_box_without_usable_box_is_the_whole_image():
     assert wfas_data.face_crop_box(None, 80, 90) == (0, 0, 80, 90)
-    degenerate = np.array([(200, 200), (300, 300)] + [(0, 0)] * 5, dtype=float)  # entirely outside
+    assert wfas_data.face_crop_box(np.full(4, np.nan), 80, 90) == (0, 0, 80, 90)  # no bbox file
+    degenerate = np.array([200, 200, 300, 300.0])  # entirely outside
     assert wfas_data.face_crop_box(degenerate, 80, 90) == (0, 0, 80, 90)
 
 
@@ -77,7 +76,7 @@ def test_missing_bbox_file_reads_as_none_and_valid_one_parses(tmp_path):
 
 def dataset_of(folder, names, img_size=32):
     table = wfas_data.unlabelled_table(folder, names)
-    return wfas_data.FaceDataset(table, img_size, MEAN, STD)
+    return wfas_data.FaceDataset(table, img_size)
 
 
 def test_grayscale_cmyk_and_png_named_jpg_decode_to_rgb(tmp_path):
@@ -100,7 +99,8 @@ def test_exif_rotation_is_applied_before_the_bbox_crop(tmp_path):
     exif[0x0112] = 6
     stored.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
     (tmp_path / "rotated.txt").write_text("20 5\n40 25\n" + "30 15\n" * 5)
-    face = wfas_data.load_face(tmp_path / "rotated.jpg", face_crop_scale=1.0)
+    box = wfas_data.unlabelled_table(tmp_path, ["rotated.jpg"]).box[0]
+    face = wfas_data.load_face(tmp_path / "rotated.jpg", box, face_crop_scale=1.0)
     r, g, b = np.asarray(face).reshape(-1, 3).mean(axis=0)
     assert face.size == (20, 20) and r > 200 and b < 60
 
@@ -109,8 +109,8 @@ def test_large_jpeg_is_decoded_reduced_but_crops_the_same_region(tmp_path):
     image = Image.new("RGB", (800, 800), (0, 0, 255))
     image.paste((255, 0, 0), (200, 200, 600, 600))
     image.save(tmp_path / "big.jpg", quality=95)
-    (tmp_path / "big.txt").write_text("200 200\n600 600\n" + "400 400\n" * 5)
-    face = wfas_data.load_face(tmp_path / "big.jpg", face_crop_scale=1.0, min_side=64)
+    face = wfas_data.load_face(tmp_path / "big.jpg", np.array([200, 200, 600, 600.0]), face_crop_scale=1.0,
+                               min_side=64)
     assert 64 <= face.size[0] < 400  # decoded at a reduced scale, still at least min_side
     r, g, b = np.asarray(face).reshape(-1, 3).mean(axis=0)
     assert r > 200 and b < 60
@@ -126,7 +126,7 @@ def test_truncated_and_empty_images_are_reported_not_raised(tmp_path):
     assert good["ok"]
     for item, name in ((truncated, "truncated.jpg"), (empty, "empty.jpg")):
         assert not item["ok"] and name in item["error"]
-        assert torch.equal(item["image"], torch.zeros(3, 32, 32))
+        assert torch.equal(item["image"], torch.zeros(3, 32, 32, dtype=torch.uint8))
 
 
 def test_index_ignores_non_images_and_counts_missing_bbox(tmp_path):
@@ -183,21 +183,32 @@ def test_split_is_subject_disjoint_stratified_and_deterministic(demo_root):
 def test_split_csv_is_written_once_and_reused(demo_root, tmp_path):
     table = wfas_data.load_or_create_split(demo_root, tmp_path, 0.1, 0.1, seed=0, log=lambda _: None)
     text = (tmp_path / "split.csv").read_text()
-    assert text.splitlines()[0] == "path,label,attack_type,subject,split"
+    assert text.splitlines()[0] == "path,label,attack_type,subject,split,x1,y1,x2,y2"
     reused = wfas_data.load_or_create_split(demo_root, tmp_path, 0.5, 0.3, seed=9, log=lambda _: None)
     assert (tmp_path / "split.csv").read_text() == text
     assert reused.paths() == table.paths() and np.array_equal(reused.split, table.split)
+    # the boxes read once at indexing travel in split.csv: the demo's one image without a bbox file has none
+    assert np.array_equal(reused.box, table.box, equal_nan=True)
+    assert int(np.isnan(reused.box[:, 0]).sum()) == 1 and not np.isnan(table.box[:, 0][table.has_bbox]).any()
     assert all((demo_root / p).is_file() for p in reused.paths())
 
 
-def test_datasets_of_a_split_give_normalised_crops(demo_root, tmp_path):
+def test_datasets_of_a_split_give_uint8_crops_normalised_on_the_device(demo_root, tmp_path):
     table = wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None)
-    datasets = wfas_data.build_datasets(table, 48, MEAN, STD)
+    datasets = wfas_data.build_datasets(table, 48)
     assert sum(len(d) for d in datasets.values()) == len(table)
     item = datasets["train"][0]
-    assert item["image"].shape == (3, 48, 48) and item["ok"] and item["label"] in (0, 1)
+    assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.uint8
+    assert item["ok"] and item["label"] in (0, 1)
     first, second = datasets["val"][0]["image"], datasets["val"][0]["image"]
     assert torch.equal(first, second)  # evaluation is deterministic
+    batch = torch.stack([datasets["val"][i]["image"] for i in range(4)])
+    normalised = wfas_data.to_model_input(batch, MEAN, STD)
+    assert normalised.dtype == torch.float32 and torch.allclose(normalised, batch / 127.5 - 1, atol=1e-6)
+    torch.manual_seed(0)
+    jittered = wfas_data.to_model_input(batch, MEAN, STD, color_jitter=0.1)
+    assert jittered.shape == batch.shape and not torch.allclose(jittered, normalised)
+    assert (jittered - normalised).abs().max() < 0.5 and jittered.min() >= -1 and jittered.max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------- bad input
