@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python}"
 
 usage() {
   cat <<'EOF'
-usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --stage2_only] [--resume]
+usage: bash run_all.sh [--data_root DIR] [--output_dir EXP] [--stage1_only | --stage2_only] [--resume] [--download_only]
                        [--soft_labels_path P] [--stage1_args "..."] [--stage2_args "..."]
                        [--config_stage1 F.json] [--config_stage2 F.json]
 
@@ -27,6 +27,8 @@ With --data_root it runs the recipe: convnext_base 50 epochs, then maxvit_base_t
                             a finished stage 1 is kept, an unfinished stage resumes from its latest state,
                             and with no state yet it starts fresh, so a requeued job can always pass it
   --soft_labels_path P      soft labels for stage 2 (default: EXP/stage1_soft_labels.pth)
+  --download_only           fetch both stages' pretrained weights into their caches (EXP/model/...) and say where
+                            they are; run it on a login node with internet, then train on the compute nodes
   --stage1_args "..."       flags appended to stage 1's command (they win over the defaults)
   --stage2_args "..."       flags appended to stage 2's command
   --config_stage1 F.json    a JSON config for stage 1 (see train_stage1.py --help)
@@ -39,12 +41,13 @@ EOF
 
 fail() { echo "run_all.sh: $*" >&2; exit 2; }
 
-DATA_ROOT="" OUTPUT_DIR="" STAGE1_ONLY=0 STAGE2_ONLY=0 RESUME=0 SOFT_LABELS="" STAGE1_ARGS="" STAGE2_ARGS=""
+DATA_ROOT="" OUTPUT_DIR="" STAGE1_ONLY=0 STAGE2_ONLY=0 RESUME=0 DOWNLOAD_ONLY=0 SOFT_LABELS="" STAGE1_ARGS="" STAGE2_ARGS=""
 CONFIG1="" CONFIG2=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --resume) RESUME=1; shift; continue ;;
+    --download_only) DOWNLOAD_ONLY=1; shift; continue ;;
     --stage1_only) STAGE1_ONLY=1; shift; continue ;;
     --stage2_only) STAGE2_ONLY=1; shift; continue ;;
     --data_root|--output_dir|--soft_labels_path|--stage1_args|--stage2_args|--config_stage1|--config_stage2)
@@ -69,6 +72,19 @@ for config in "$CONFIG1" "$CONFIG2"; do
 done
 
 STAGE1=() STAGE2=()
+if [[ $DOWNLOAD_ONLY == 1 ]]; then
+  OUTPUT_DIR="${OUTPUT_DIR:-experiments/wfas}"
+  for n in 1 2; do
+    config_var="CONFIG$n" args_var="STAGE${n}_ARGS"
+    config=() && [[ -n ${!config_var} ]] && config=(--config "${!config_var}")
+    # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
+    extra=(${!args_var})
+    echo "=== Stage $n: fetching the pretrained weights ==="
+    "$PYTHON" "$HERE/train_stage$n.py" "${config[@]}" --download_only --output_dir "$OUTPUT_DIR" "${extra[@]}"
+  done
+  echo "Weights cached under $OUTPUT_DIR/model/; runs with --output_dir $OUTPUT_DIR (or the same --model_cache_dir) reuse them offline"
+  exit 0
+fi
 if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
   DEMO=1
   DATA_ROOT="demo_data"
@@ -78,11 +94,11 @@ if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
   if [[ ! -d $DATA_ROOT/Train ]]; then
     "$PYTHON" "$HERE/wfas_data.py" make_demo "$DATA_ROOT" --subjects "${DEMO_SUBJECTS:-150}"
   fi
-  # A ConvNeXt trained from scratch needs far more epochs than a CPU demo has; ResNet-18 learns the demo's
-  # cues in a few. The real recipe's teacher is convnext_base, pretrained.
-  STAGE1=(--model_name resnet18 --no-pretrained --img_size 64 --num_epochs 5 --learning_rate 1e-3 --num_workers 1)
-  STAGE2=(--model_name maxvit_rmlp_pico_rw_256 --no-pretrained --img_size 64 --num_epochs 7 --learning_rate 1e-3
-          --num_workers 1)
+  # configs/demo_stage*.json: small models from scratch at 64 px. A ConvNeXt trained from scratch needs far more
+  # epochs than a CPU demo has; ResNet-18 learns the demo's cues in a few. The real recipe's teacher is
+  # convnext_base, pretrained (configs/stage1_recipe.json).
+  STAGE1=(--config "$HERE/configs/demo_stage1.json")
+  STAGE2=(--config "$HERE/configs/demo_stage2.json")
 else
   DEMO=0
   OUTPUT_DIR="${OUTPUT_DIR:-experiments/wfas}"
@@ -175,6 +191,12 @@ run_stage() {  # run_stage N script args...: launch one stage, stop everything i
 }
 
 command -v accelerate >/dev/null || fail "accelerate is not installed: pip install -r requirements.txt"
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: on a machine without a GPU, one process would
+# then train on one core (measured here: resnet18 at 43 img/s instead of 74 on 2 cores)
+if [[ " ${ACCELERATE_ARGS:-} " != *" --num_cpu_threads_per_process"* && " ${ACCELERATE_ARGS:-} " != *" --num_processes"* ]] \
+   && [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())") == False ]]; then
+  ACCELERATE_ARGS="${ACCELERATE_ARGS:-} --num_cpu_threads_per_process $(nproc)"
+fi
 if [[ $RESUME == 1 && $STAGE2_ONLY == 0 && -f $OUTPUT_DIR/stage1_results.json ]]; then
   echo "=== Stage 1 finished earlier ($OUTPUT_DIR/stage1_results.json): kept (--resume) ==="
   STAGE2_ONLY=1 STATUS1="ok (earlier run)"
@@ -198,6 +220,8 @@ if os.path.exists(final):
 elif os.path.exists(os.path.join(out, "stage1_results.json")):
     r = json.load(open(os.path.join(out, "stage1_results.json")))["test"]
     print(f"stage 1 teacher: test ACC {r['acc']:.4f}  ACER {r['acer']:.4f}  AUC {r['auc']:.4f}")
+if os.path.exists(os.path.join(out, "report.md")):
+    print(f"\nReport (metrics, plots, configuration, data): {os.path.join(out, 'report.md')}")
 print(f"\nOutputs in {out}/:")
 for name, what in [("final_results.json", "final test metrics"), ("stage1_results.json", "teacher metrics"),
                    ("stage1_soft_labels.pth", "soft labels {path: [prob_spoof, prob_live]}"),

@@ -7,6 +7,7 @@ Writes into EXP: split.csv, stage1_config.json, checkpoints/stage1/{stage1_best.
 logs/stage1/, stage1_soft_labels.pth ({image path: [prob_spoof, prob_live]}) and stage1_results.json.
 """
 import argparse
+import csv
 import datetime
 import json
 import logging
@@ -33,7 +34,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from tqdm.auto import tqdm
+try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its notebook bars need ipywidgets
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 import wfas_data
 from wfas_data import UserError
@@ -440,12 +445,25 @@ def predict_probs(model, loader, accelerator, data_config, tta=False, desc="pred
 def evaluate(model, loader, split_table, accelerator, data_config, threshold=None, tta=False, desc="val"):
     """Loss and WFAS metrics of one split; the threshold is the EER point of these scores unless given."""
     probs, indices, ok = predict_probs(model, loader, accelerator, data_config, tta, desc)
-    probs, indices = probs[ok], indices[ok]
+    order = np.argsort(indices[ok], kind="stable")
+    probs, indices = probs[ok][order], indices[ok][order]
     labels = split_table.label[indices]
+    attack_types = np.array(split_table.attack_types())[indices]
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    metrics = wfas_data.compute_metrics(probs[:, 1], labels, split_table.attack_type[indices], threshold)
+    metrics = wfas_data.compute_metrics(probs[:, 1], labels, attack_types, threshold)
     metrics.update(loss=loss, unreadable=int((~ok).sum()))
-    return metrics
+    return metrics, (np.array(split_table.paths())[indices], labels, attack_types, probs[:, 1])
+
+
+def write_predictions(path, paths, labels, attack_types, scores):
+    """path,label,attack_type,score; scores exactly as computed, so that the metrics recomputed from the file
+    at the reported threshold are the reported ones."""
+    tmp = wfas_data.aside(path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "attack_type", "score"])
+        writer.writerows(zip(paths, labels.tolist(), attack_types, map(wfas_data.format_score, scores)))
+    os.replace(tmp, path)
 
 
 def write_soft_labels(path, table, probs, indices):
@@ -622,7 +640,7 @@ def main(argv=None):
         train_images += epoch_images
         train_seconds += epoch_seconds
 
-        val = evaluate(model, val_loader, splits["val"], accelerator, data_config, desc="val")
+        val, _ = evaluate(model, val_loader, splits["val"], accelerator, data_config, desc="val")
         state.update(epoch=epoch, images_done=0)
         improved = val["acer"] < state["best_val_acer"]
         if improved:
@@ -643,6 +661,11 @@ def main(argv=None):
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {undecodable} undecodable images skipped" if undecodable else ""))
+        if accelerator.is_main_process:
+            wfas_data.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
+                "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_acer": val["acer"],
+                "val_apcer": val["apcer"], "val_bpcer": val["bpcer"], "val_auc": val["auc"], "lr": lr,
+                "images_per_second": epoch_images / epoch_seconds, "data_wait_share": data_wait / epoch_seconds})
         accelerator.log({"train/loss": train_loss, "train/lr": lr,
                          "train/images_per_second": epoch_images / epoch_seconds,
                          "train/data_wait_share": data_wait / epoch_seconds,
@@ -657,11 +680,12 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(best_path))
     # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
-    best_val = evaluate(model, val_loader, splits["val"], accelerator, data_config, tta=args.tta, desc="val")
+    best_val, val_rows = evaluate(model, val_loader, splits["val"], accelerator, data_config, tta=args.tta,
+                                  desc="val")
     logger.info(f"Best epoch {state['best_epoch'] + 1}: val {wfas_data.format_metrics(best_val)}")
     test_loader = accelerator.prepare(loader(datasets["test"]))
-    test = evaluate(model, test_loader, splits["test"], accelerator, data_config, threshold=best_val["threshold"],
-                    tta=args.tta, desc="test")
+    test, test_rows = evaluate(model, test_loader, splits["test"], accelerator, data_config,
+                               threshold=best_val["threshold"], tta=args.tta, desc="test")
     logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
 
     soft_loader = accelerator.prepare(loader(wfas_data.FaceDataset(splits["train"], img_size, train=False,
@@ -685,9 +709,14 @@ def main(argv=None):
     }
     if accelerator.is_main_process:
         write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])
+        write_predictions(output_dir / f"{STAGE}_val_predictions.csv", *val_rows)
+        write_predictions(output_dir / f"{STAGE}_test_predictions.csv", *test_rows)
         wfas_data.write_json(output_dir / f"{STAGE}_results.json", results)
         logger.info(f"Wrote {results['num_soft_labels']} soft labels to {soft_labels_path} and results to "
                     f"{output_dir / f'{STAGE}_results.json'}")
+        wfas_data.make_plots(output_dir / "plots", STAGE, output_dir / "logs" / STAGE / "summary.csv", val_rows[1:],
+                             test_rows[1:], best_val["threshold"], test, log=logger.warning)
+        logger.info(f"Report: {wfas_data.write_report(output_dir)} (plots in {output_dir / 'plots'})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -37,7 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from tqdm.auto import tqdm
+try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its notebook bars need ipywidgets
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 import losses
 import wfas_data
@@ -865,6 +869,11 @@ def main(argv=None):
                     f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {undecodable} undecodable images skipped" if undecodable else ""))
+        if accelerator.is_main_process:
+            wfas_data.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
+                "epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}, "val_acer": val["acer"],
+                "val_apcer": val["apcer"], "val_bpcer": val["bpcer"], "val_auc": val["auc"], "lr": lr,
+                "images_per_second": epoch_images / epoch_seconds, "data_wait_share": data_wait / epoch_seconds})
         accelerator.log({**{f"train/{k}": v for k, v in train.items()}, "train/lr": lr,
                          "train/images_per_second": epoch_images / epoch_seconds,
                          "train/data_wait_share": data_wait / epoch_seconds,
@@ -910,6 +919,11 @@ def main(argv=None):
         write_predictions(output_dir / "stage2_test_predictions.csv", *test_rows)
         wfas_data.write_json(output_dir / "final_results.json", results)
         logger.info(f"Wrote {output_dir / 'final_results.json'} and the per-image predictions")
+        teacher_csv = output_dir / "stage1_test_predictions.csv"
+        teacher_test = wfas_data.read_predictions_csv(teacher_csv) if teacher_csv.is_file() else None
+        wfas_data.make_plots(output_dir / "plots", STAGE, output_dir / "logs" / STAGE / "summary.csv", val_rows[1:],
+                             test_rows[1:], val["threshold"], test, teacher_test, log=logger.warning)
+        logger.info(f"Report: {wfas_data.write_report(output_dir)} (plots in {output_dir / 'plots'})")
     if args.predict_lists:
         results["submission_path"] = write_submission(model, accelerator, args, img_size, data_config,
                                                       args.face_crop_scale)
