@@ -942,10 +942,8 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
     """The PNGs of a stage: training curves, ROC and DET on val and test with the val operating point, test
     score histograms, APCER per attack type and, for stage 2, teacher vs student. val, test, teacher_test:
     (labels, attack types, scores). Never fails the run: a missing matplotlib or a failing plot is one warning."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # Figure without pyplot: no backend to choose, nothing global changed (a notebook keeps its own)
+        from matplotlib.figure import Figure
         from statistics import NormalDist
     except ImportError:
         log(f"warning: no plots for {stage}: matplotlib is not installed (pip install matplotlib)")
@@ -958,7 +956,6 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
         fig.tight_layout()
         tmp = aside(path).with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=110)
-        plt.close(fig)
         os.replace(tmp, path)
         written.append(path)
 
@@ -967,7 +964,8 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
         with open(summary_csv, newline="") as f:
             summary = list(csv.DictReader(f))
         epochs = [int(r["epoch"]) for r in summary]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig = Figure(figsize=(13, 3.6))
+        axes = fig.subplots(1, 3)
         for key in [k for k in summary[0] if k.startswith("train_") and k != "train_images_per_second"] + ["val_loss"]:
             if key in summary[0] and summary[0][key] != "":
                 axes[0].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key)
@@ -981,7 +979,8 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
         axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
         save(fig, "training_curves")
 
-        fig, (roc, det) = plt.subplots(1, 2, figsize=(10, 4.2))
+        fig = Figure(figsize=(10, 4.2))
+        roc, det = fig.subplots(1, 2)
         deviate = NormalDist().inv_cdf
         ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
         for name, (labels, _, scores) in (("val", val), ("test", test)):
@@ -1004,7 +1003,8 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
         save(fig, "roc_det")
 
         labels, _, scores = test
-        fig, axis = plt.subplots(figsize=(6, 3.6))
+        fig = Figure(figsize=(6, 3.6))
+        axis = fig.subplots()
         bins = np.linspace(0, 1, 41)
         axis.hist(scores[labels == LIVE], bins, alpha=0.6, label="live")
         axis.hist(scores[labels == SPOOF], bins, alpha=0.6, label="spoof")
@@ -1014,13 +1014,15 @@ def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics,
         save(fig, "score_histograms")
 
         per_attack = test_metrics["apcer_per_attack"]
-        fig, axis = plt.subplots(figsize=(7, 0.35 * len(per_attack) + 1.5))
+        fig = Figure(figsize=(7, 0.35 * len(per_attack) + 1.5))
+        axis = fig.subplots()
         axis.barh(list(per_attack), list(per_attack.values()))
         axis.set(title="test APCER per attack type at the val threshold", xlabel="APCER", xlim=(0, 1))
         save(fig, "apcer_per_attack")
 
         if teacher_test is not None:
-            fig, (roc, bars) = plt.subplots(1, 2, figsize=(10, 4))
+            fig = Figure(figsize=(10, 4))
+            roc, bars = fig.subplots(1, 2)
             for name, (labels, types, scores) in (("teacher (stage 1)", teacher_test), ("student (stage 2)", test)):
                 apcer, bpcer = error_rate_curve(scores, labels)
                 roc.plot(apcer, 1 - bpcer, label=f"{name}, AUC {roc_auc(scores, labels):.3f}")

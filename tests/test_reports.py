@@ -63,14 +63,15 @@ def test_each_stage_writes_its_summary_plots_and_the_report(stage2_run):
 
 def test_a_missing_matplotlib_is_one_warning_not_a_failure(stage2_run, tmp_path, monkeypatch):
     exp, _ = stage2_run
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for module in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
+        monkeypatch.setitem(sys.modules, module, None)
     warnings = []
     rows = wfas_data.read_predictions_csv(exp / "stage2_test_predictions.csv")
     metrics = wfas_data.compute_metrics(rows[2], rows[0], rows[1], 0.5)
     written = wfas_data.make_plots(tmp_path, "stage2", exp / "logs" / "stage2" / "summary.csv", rows, rows, 0.5,
                                    metrics, log=warnings.append)
     assert written == [] and len(warnings) == 1 and "matplotlib is not installed" in warnings[0]
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.undo()
     written = wfas_data.make_plots(tmp_path, "stage2", tmp_path / "no_summary.csv", rows, rows, 0.5, metrics,
                                    log=warnings.append)
     assert len(warnings) == 2 and "results are unaffected" in warnings[1]
