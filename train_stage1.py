@@ -533,9 +533,10 @@ def main(argv=None):
     if log_file:
         logger.info(f"Logging to {log_file}")
 
+    # Workers are not persistent: an epoch that ends shuts its workers down, so none is left for the exit to
+    # terminate (they ignore SIGTERM, see StopOnSignal); forking them again costs well under a second an epoch.
     def loader(dataset, train=False):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train, drop_last=train,
-                                           persistent_workers=train and loader_settings["num_workers"] > 0,
                                            worker_init_fn=StopOnSignal.shield_loader_worker, **loader_settings)
 
     train_loader, val_loader = loader(datasets["train"], train=True), loader(datasets["val"])
@@ -592,7 +593,7 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: .item() would sync
         # the seedable sampler replays this epoch's order, so a mid-epoch resume skips what was trained
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        skip_batches = 0
+        skip_batches, stop_requested = 0, False
         waiting_since = time.perf_counter()
         for batch in batches:
             data_wait += time.perf_counter() - waiting_since
@@ -628,12 +629,13 @@ def main(argv=None):
                     save_latest(accelerator, latest_dir, state)
                     logger.info(f"Wrote {latest_dir} at update {state['global_step']} (epoch {epoch + 1}, "
                                 f"{state['images_done']} images)")
-                if stopper.requested(accelerator, state["global_step"]):
-                    save_latest(accelerator, latest_dir, state)
-                    stopper.stop(latest_dir, state)
-                if state["global_step"] >= total_updates:
+                stop_requested = stopper.requested(accelerator, state["global_step"])
+                if stop_requested or state["global_step"] >= total_updates:
                     break
             waiting_since = time.perf_counter()
+        if stop_requested:  # out of the loop, whose end shut its loader workers down
+            save_latest(accelerator, latest_dir, state)
+            stopper.stop(latest_dir, state)
         epoch_seconds = time.time() - epoch_start
         undecodable = int(accelerator.reduce(torch.tensor(undecodable, device=accelerator.device), reduction="sum"))
         train_loss = loss_sum.item() / max(steps, 1)

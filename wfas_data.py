@@ -579,7 +579,7 @@ def build_datasets(table, img_size, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cac
 
 def default_loader_settings(num_workers=None):
     """DataLoader settings that scale: the machine's cores shared by the processes on this node (at most 12
-    workers each), 4 batches prefetched per worker, pinned memory on CUDA, persistent train workers."""
+    workers each), 4 batches prefetched per worker, pinned memory on CUDA."""
     if num_workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = min(12, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))

@@ -416,9 +416,10 @@ def test_a_resume_says_what_it_could_not_restore(stage1_run, demo_root, tmp_path
     assert "saved in" not in log  # save_state's per-file lines stay out
 
 
-def test_output_that_is_not_a_terminal_gets_plain_progress_lines(demo_root, tmp_path):
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines_and_loader_workers_let_it_exit(demo_root, tmp_path):
+    # loader workers ignore SIGTERM (a scheduler signals them too): none may be left for the exit to terminate
     result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
-                         str(tmp_path), *TINY_STAGE1])
+                         str(tmp_path), *TINY_STAGE1, "--num_workers", "1"], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stdout + result.stderr and "\x1b[" not in result.stdout + result.stderr
     assert "stage 1: 1/8 (12.5%)" in result.stdout and "ETA" in result.stdout
