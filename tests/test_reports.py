@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import sys
-from pathlib import Path
 
 import nbclient
 import nbformat
