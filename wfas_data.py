@@ -9,6 +9,7 @@ Conventions used everywhere in the project: live = 1, spoof = 0, and a score is 
 """
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -487,22 +488,28 @@ def build_transform(img_size, train):
     return T.Resize((img_size, img_size), antialias=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _device_constants(mean, std, device):
+    """mean, std and the luma weights as [1, 3, 1, 1] tensors on the device, made once: copying them from the
+    host every step would make the CPU wait for the device."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                 for v in (mean, std, (0.299, 0.587, 0.114)))
+
+
 def to_model_input(images, mean, std, color_jitter=0.0):
     """A uint8 batch [B, 3, H, W] on the device to the model's normalised float input. With color_jitter j,
     each image gets its own brightness, contrast and saturation factors in [1 - j, 1 + j] (torchvision's
     ColorJitter, batched): a few element-wise operations on the device instead of ~1 ms per image on a
     loader's CPU."""
     x = images.float().div_(255)
+    mean, std, gray_weights = _device_constants(tuple(mean), tuple(std), x.device)
     if color_jitter:
         factors = torch.empty(3, len(x), 1, 1, 1, device=x.device).uniform_(1 - color_jitter, 1 + color_jitter)
-        gray_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
         x = (x * factors[0]).clamp_(0, 1)
         mean_gray = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         x = ((x - mean_gray) * factors[1] + mean_gray).clamp_(0, 1)
         gray = (x * gray_weights).sum(1, keepdim=True)
         x = ((x - gray) * factors[2] + gray).clamp_(0, 1)
-    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
