@@ -31,9 +31,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.utils.flop_counter import FlopCounterMode
 try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its notebook bars need ipywidgets
     import ipywidgets  # noqa: F401
     from tqdm.auto import tqdm
@@ -41,7 +43,7 @@ except ImportError:
     from tqdm import tqdm
 
 import wfas_data
-from wfas_data import UserError
+from wfas_data import LIVE, UserError
 
 STAGE = "stage1"
 logger = get_logger(STAGE)
@@ -51,7 +53,7 @@ logger = get_logger(STAGE)
 COLOR_JITTER = 0.1
 
 # Flags that control one invocation rather than describe the experiment; they stay out of stage1_config.json.
-RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only")
+RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint", "download_only", "export_onnx", "checkpoint")
 
 
 def build_parser():
@@ -104,15 +106,22 @@ def build_parser():
                        help="also write stage1_latest every N updates, for a mid-epoch resume (0: per epoch)")
     group.add_argument("--report_to", default="none",
                        help="tensorboard, wandb, ... or all: any tracker accelerate supports")
+
+    group = parser.add_argument_group("deployment")
+    group.add_argument("--export_onnx", action="store_true",
+                       help="no training: export EXP's stage1_best (or --checkpoint) to EXP/<name>.onnx, checked "
+                            "against PyTorch with onnxruntime (pip install onnx onnxscript onnxruntime)")
+    group.add_argument("--checkpoint", help="weights for --export_onnx (default: EXP/checkpoints/stage1/"
+                                            "stage1_best.safetensors)")
     return parser
 
 
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv)
-    if not args.data_root and not args.download_only:
+    if not args.data_root and not (args.download_only or args.export_onnx):
         raise UserError("--data_root is required (the WFAS folder that holds Train/); "
                         "`python wfas_data.py make_demo DIR` writes a small demo dataset")
-    if not timm.is_model(args.model_name):
+    if not args.export_onnx and not timm.is_model(args.model_name):
         raise UserError(f"--model_name {args.model_name} is not a timm model; "
                         f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
     return args
@@ -418,6 +427,203 @@ class StopOnSignal:
                 signal.signal(signum, signal.SIG_DFL)
 
 # ----------------------------------------------------------------------------------------------------------
+# Deployment: compute budget, the best checkpoint and its ONNX export. Also the same in both scripts.
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compute_budget(net, model_name, img_size):
+    """Parameters and multiply-accumulates (MACs) of one image's forward pass at img_size, counted by torch's
+    FLOP counter (convolutions, matmuls and attention, as timm's published GMACs), and where they stand
+    against the challenge's single-model limit."""
+    training = net.training
+    net.eval()
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, img_size, img_size, device=next(net.parameters()).device))
+    net.train(training)
+    gflops = counter.get_total_flops() / 1e9  # the counter counts a multiply-accumulate as 2 FLOPs
+    gmacs, limit = gflops / 2, wfas_data.CHALLENGE_GFLOPS_LIMIT
+    # "FLOPs" in papers and model cards are often MACs: say what holds under each reading
+    if gflops <= limit:
+        within, verdict = "yes", f"within the challenge's single-model limit of {limit:g} GFLOPs"
+    elif gmacs <= limit:
+        within, verdict = "as MACs only", (f"within the challenge's {limit:g} GFLOPs limit only if FLOPs are read "
+                                           "as multiply-accumulates (as timm's tables do), over it at 2 FLOPs each")
+    else:
+        within, verdict = "no", f"over the challenge's single-model limit of {limit:g} GFLOPs however FLOPs are counted"
+    return {"model_name": model_name, "img_size": img_size,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "gmacs": gmacs, "gflops": gflops,
+            "within_challenge_limit": within,
+            "challenge_limit": f"{model_name} at {img_size}x{img_size}: {gmacs:.3g} GMACs = {gflops:.3g} GFLOPs, "
+                               f"{verdict}."}
+
+
+def load_checkpoint(checkpoint, output_dir):
+    """The timm model of a checkpoint written by save_best (default: EXP's best of this stage), on the CPU in
+    eval mode, with the checkpoint's metadata (JSON values decoded) and its path."""
+    checkpoint = Path(checkpoint or Path(output_dir) / "checkpoints" / STAGE / f"{STAGE}_best.safetensors")
+    if not checkpoint.is_file():
+        raise UserError(f"no checkpoint at {checkpoint}; train {STAGE} first or pass --checkpoint PATH")
+    try:
+        with safe_open(checkpoint, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"cannot read {checkpoint}: {str(error).splitlines()[0]}") from None
+    if "model_name" not in raw or "img_size" not in raw:
+        raise UserError(f"{checkpoint} has no model_name/img_size metadata: it was not written by "
+                        "train_stage1.py or train_stage2.py")
+    metadata = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:  # plain strings, such as the model name
+            metadata[key] = value
+    net = create_model(metadata["model_name"], int(metadata["img_size"]))
+    try:
+        net.load_state_dict(load_file(checkpoint))
+    except RuntimeError as error:
+        raise UserError(f"{checkpoint} does not fit {metadata['model_name']}: {str(error).splitlines()[0]}") from None
+    return net.eval(), metadata, checkpoint
+
+
+class DeployedModel(torch.nn.Module):
+    """What the ONNX file computes: uint8 RGB face crops [N, 3, H, W] in, P(live) [N] out. It normalises as
+    wfas_data.to_model_input does, so that a deployer only crops and resizes."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, face_crops):
+        return self.net((face_crops.float() / 255 - self.mean) / self.std).softmax(-1)[:, LIVE]
+
+
+def parity_crops(output_dir, data_root, img_size, face_crop_scale, count=64):
+    """Up to count val face crops of EXP's split, made as the loader makes them, to compare an export with
+    PyTorch on; generated crops when the split or its images are not at hand.
+    Returns (uint8 [N, 3, H, W], what they are)."""
+    if not (Path(output_dir) / "split.csv").is_file():
+        reason = f"no split.csv in {output_dir}"
+    elif not data_root:
+        reason = f"{output_dir} names no data root; pass --data_root"
+    else:
+        try:
+            val = wfas_data.load_or_create_split(data_root, output_dir, log=lambda message: None).of_split("val")
+            sample = val.select(np.unique(np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)))
+            dataset = wfas_data.FaceDataset(sample, img_size, face_crop_scale=face_crop_scale)
+            images = [item["image"] for item in map(dataset.__getitem__, range(len(dataset))) if item["ok"]]
+            if images:
+                return torch.stack(images), f"{len(images)} val images of {data_root}"
+            reason = f"none of the sampled val images of {data_root} could be read"
+        except UserError as error:
+            reason = str(error)
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.randint(0, 256, (count, 3, img_size, img_size), dtype=torch.uint8, generator=generator)
+    return crops, f"{count} generated crops ({reason})"
+
+
+def export_onnx(args, accelerator, tolerance=1e-4, batch_size=32):
+    """EXP/<checkpoint name>.onnx from this stage's best checkpoint (or --checkpoint), with the preprocessing a
+    deployer must reproduce in its metadata. It is written only when onnxruntime gives the checkpoint's
+    P(live) within tolerance (fp32) on val images."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter runs on it)
+    except ImportError as error:
+        raise UserError(f"--export_onnx needs onnx, onnxscript and onnxruntime ({error}): "
+                        "pip install onnx onnxscript onnxruntime") from None
+    if accelerator.num_processes > 1:
+        raise UserError(f"--export_onnx runs in one process: python train_{STAGE}.py --export_onnx --output_dir "
+                        f"{args.output_dir}")
+    net, metadata, checkpoint = load_checkpoint(args.checkpoint, args.output_dir)
+    img_size = int(metadata["img_size"])
+    face_crop_scale = float(metadata.get("face_crop_scale", args.face_crop_scale))
+    data_config = timm.data.resolve_data_config({}, model=net)
+    mean, std = data_config["mean"], data_config["std"]
+    threshold = metadata.get("val_metrics", {}).get("threshold")
+    compute = metadata.get("compute") or compute_budget(net, metadata["model_name"], img_size)
+    # torch.export cannot decompose timm's fused attention with MaxViT's relative position bias; the plain
+    # softmax(QK^T)V path exports, and computes the same
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    deployed = DeployedModel(net, mean, std).eval()
+
+    onnx_path = Path(args.output_dir) / f"{checkpoint.stem}.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = wfas_data.aside(onnx_path)
+    logger.info(f"Exporting {checkpoint} ({metadata['model_name']}, image size {img_size}) to ONNX")
+    example = torch.zeros(2, 3, img_size, img_size, dtype=torch.uint8)
+    for chatty in ("onnxscript", "onnx_ir"):  # their graph optimiser logs every rewrite at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(deployed, (example,), tmp, input_names=["face_crops"], output_names=["p_live"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+                          verbose=False)
+    except Exception as error:  # the exporter's errors are long reports; the first line says what failed
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"torch.onnx.export cannot export {metadata['model_name']}: {str(error).splitlines()[0]}") from None
+    model = onnx.load(tmp)
+    deployment = {
+        "stage": STAGE, "model_name": metadata["model_name"], "source_checkpoint": str(checkpoint.resolve()),
+        "input": f"face_crops: uint8 [batch, 3, {img_size}, {img_size}], RGB",
+        "output": "p_live: float32 [batch], the probability that the face is live (label convention: live = 1, "
+                  "spoof = 0)",
+        "img_size": str(img_size), "face_crop_scale": str(face_crop_scale),
+        "face_crop": f"the square around the face box, its longer side times face_crop_scale, centred on the box and "
+                     f"shifted (then shrunk) to stay inside the image, resized to {img_size}x{img_size} bilinear "
+                     "with antialiasing; the whole image when there is no box (wfas_data.face_crop_box)",
+        "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
+        "normalisation": "inside the model: (face_crops / 255 - mean) / std",
+        "threshold": json.dumps(threshold), "decision": "live when p_live >= threshold (the val EER point)",
+        "val_metrics": json.dumps(metadata.get("val_metrics")), "compute": json.dumps(compute),
+        "exported_with": f"torch {torch.__version__}, timm {timm.__version__}",
+    }
+    onnx.helper.set_model_props(model, deployment)
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp)
+
+    crops, source = parity_crops(args.output_dir, args.data_root or stage1_data_root(args.output_dir), img_size,
+                                 face_crop_scale)
+    batches = list(crops.split(batch_size))
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+    def timed(predict):
+        predict(batches[0])  # warm-up: the first call allocates and picks kernels
+        start = time.perf_counter()
+        scores = np.concatenate([predict(batch) for batch in batches])
+        return scores, len(crops) / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def reference(batch):  # what training and prediction compute
+        return net(wfas_data.to_model_input(batch, mean, std)).softmax(-1)[:, LIVE].numpy()
+
+    expected, torch_speed = timed(reference)
+    exported, onnx_speed = timed(lambda batch: session.run(None, {"face_crops": batch.numpy()})[0])
+    largest = float(np.abs(exported - expected).max())
+    if not largest <= tolerance:  # NaN fails too
+        tmp.unlink()
+        raise UserError(f"the ONNX export of {checkpoint} gives P(live) up to {largest:.2e} away from PyTorch on "
+                        f"{source} (tolerance {tolerance:g}); {onnx_path} was not written")
+    os.replace(tmp, onnx_path)
+    logger.info(f"Parity on {source}: largest |P(live) difference| {largest:.1e} (tolerance {tolerance:g}); "
+                f"{torch_speed:.0f} img/s in PyTorch, {onnx_speed:.0f} img/s in onnxruntime on this CPU "
+                f"({torch.get_num_threads()} threads, batches of {batch_size})")
+    logger.info(f"Wrote {onnx_path}: input {deployment['input']}, output p_live [batch]; live when p_live >= "
+                f"{threshold}. {compute['challenge_limit']}")
+    return {"onnx_path": str(onnx_path), "max_abs_diff": largest, "parity_images": len(crops), "parity_source": source,
+            "torch_images_per_second": torch_speed, "onnx_images_per_second": onnx_speed, **deployment}
+
+
+def stage1_data_root(output_dir):
+    """The data root stage 1 recorded in EXP/stage1_config.json, or None."""
+    config = Path(output_dir) / "stage1_config.json"
+    return json.loads(config.read_text()).get("data_root") if config.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Stage 1: prediction, evaluation and the soft labels
 # ----------------------------------------------------------------------------------------------------------
 
@@ -498,6 +704,8 @@ def main(argv=None):
         weights = main_process_first(accelerator, lambda: fetch_pretrained(args.model_name, args.model_cache_dir))
         logger.info(f"Pretrained {args.model_name} weights are in {weights}; compute nodes will reuse them")
         return {"pretrained_file": str(weights)}
+    if args.export_onnx:
+        return export_onnx(args, accelerator)
 
     # The same seed on every process for the model's init and the seedable sampler's shuffle (taken at
     # prepare()); a per-process seed after prepare() for augmentation and stochastic depth.
@@ -516,6 +724,7 @@ def main(argv=None):
     table, model = main_process_first(accelerator, load_split_and_model)
     data_config = timm.data.resolve_data_config({}, model=model)
     img_size = args.img_size or data_config["input_size"][-1]
+    compute = compute_budget(model, args.model_name, img_size)
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     loader_settings = wfas_data.default_loader_settings(args.num_workers)
     cache = wfas_data.build_face_cache(
@@ -528,6 +737,7 @@ def main(argv=None):
                 f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                 f"mixed precision {accelerator.mixed_precision}, image size {img_size}, "
                 f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}")
+    logger.info(f"Compute: {compute['params_m']:.2f} M parameters; {compute['challenge_limit']}")
     logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
     logger.info(wfas_data.describe_loader(loader_settings, cache))
     if log_file:
@@ -649,7 +859,7 @@ def main(argv=None):
             state.update(best_epoch=epoch, best_val_acer=val["acer"])
             save_best(accelerator, accelerator.unwrap_model(model, keep_torch_compile=False), best_path, {
                 "model_name": args.model_name, "img_size": str(img_size), "epoch": str(epoch),
-                "face_crop_scale": str(args.face_crop_scale), "val_metrics": val})
+                "face_crop_scale": str(args.face_crop_scale), "val_metrics": val, "compute": compute})
         save_latest(accelerator, latest_dir, state)
 
         epochs_run += 1
@@ -708,6 +918,7 @@ def main(argv=None):
         "wall_time_s": round(time.time() - start_time, 1),
         "images_per_second": round(train_images / train_seconds, 1) if train_seconds else None,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "compute": compute,
     }
     if accelerator.is_main_process:
         write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])

@@ -175,6 +175,11 @@ def _walk_images(folder, root):
                 yield f"{relative_dir}/{entry.name}", relative_dir, f"{stem}.txt" in names
 
 
+def list_images(folder):
+    """The images below folder, at any depth, as sorted paths relative to it."""
+    return sorted(path.removeprefix("./") for path, _, _ in _walk_images(Path(folder), Path(folder)))
+
+
 def index_wfas(data_root):
     """Index Train/ of a WFAS release: Train/living/<subject>/ and Train/spoof/<attack type>/<subject>/."""
     root = resolve_data_root(data_root)
@@ -809,22 +814,81 @@ def check_scores(scores):
     return scores
 
 
-def eer_threshold(scores, labels):
-    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only.
-
-    Candidates lie halfway between adjacent distinct scores (and below the lowest, above the highest), never
-    on a score, so the decision at the threshold does not hang on how a score was rounded in a file."""
+def candidate_thresholds(scores, labels):
+    """Every distinct decision on these scores: thresholds halfway between adjacent distinct scores (and
+    below the lowest, above the highest), never on a score, so that a decision at a threshold does not hang
+    on how a score was rounded in a file. Returns (thresholds, APCER, BPCER at each), thresholds ascending."""
     scores, labels = check_scores(scores), np.asarray(labels)
     live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
-    if len(live) == 0 or len(spoof) == 0:
-        return 0.5
     distinct = np.unique(scores)
     candidates = np.concatenate([[min(distinct[0], 0.0) - 1e-6], (distinct[:-1] + distinct[1:]) / 2,
                                  [max(distinct[-1], 1.0) + 1e-6]])
     apcer = 1 - np.searchsorted(spoof, candidates, side="left") / len(spoof)  # spoof with score >= t
     bpcer = np.searchsorted(live, candidates, side="left") / len(live)        # live with score < t
+    return candidates, apcer, bpcer
+
+
+def eer_threshold(scores, labels):
+    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
+    labels = np.asarray(labels)
+    if not (labels == LIVE).any() or not (labels == SPOOF).any():
+        return 0.5
+    candidates, apcer, bpcer = candidate_thresholds(scores, labels)
     best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
     return float(candidates[best])
+
+
+# The WFAS challenge accepts a single model of at most this many GFLOPs per image.
+CHALLENGE_GFLOPS_LIMIT = 5.0
+
+# The error rates a deployer may afford: a threshold is fitted on val for each, and test is scored at it.
+OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
+
+
+def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
+    """For each (error, target) of targets, the val threshold that keeps that error at or below the target
+    with the other error as low as it goes (BPCER <= 1%: the highest such threshold; APCER <= 1%: the lowest),
+    and the val and test APCER/BPCER at it.
+
+    A target below 1/(images of that class on val) cannot be told apart from 0 there: such a point is fitted
+    to no error on val at all and flagged resolved=False."""
+    val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
+    if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
+        return []
+    candidates, apcer, bpcer = candidate_thresholds(val_scores, val_labels)
+    points = []
+    for error, target in targets:
+        if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
+            index = np.flatnonzero(bpcer <= target)[-1]
+            num_class = int((val_labels == LIVE).sum())
+        else:  # APCER falls as the threshold grows: the lowest one within the target
+            index = np.flatnonzero(apcer <= target)[0]
+            num_class = int((val_labels == SPOOF).sum())
+        threshold = float(candidates[index])
+        test = compute_error_rates(test_scores, test_labels, threshold)
+        points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
+                       "threshold": threshold, "val_apcer": float(apcer[index]), "val_bpcer": float(bpcer[index]),
+                       "test_apcer": test["apcer"], "test_bpcer": test["bpcer"],
+                       "resolved": bool(num_class * target >= 1)})
+    return points
+
+
+def compute_error_rates(scores, labels, threshold):
+    """APCER (spoof with score >= threshold, i.e. taken for live) and BPCER (live with score < threshold)."""
+    predicted_live, labels = check_scores(scores) >= threshold, np.asarray(labels)
+    spoof, live = labels == SPOOF, labels == LIVE
+    return {"apcer": float(predicted_live[spoof].mean()) if spoof.any() else float("nan"),
+            "bpcer": float((~predicted_live[live]).mean()) if live.any() else float("nan")}
+
+
+def format_operating_points(points):
+    """A table to log: one line per target."""
+    lines = ["operating points (threshold fitted on val; test scored at it):"]
+    for p in points:
+        lines.append(f"  {p['target']:>10}: threshold {p['threshold']:.6f}  val APCER {p['val_apcer']:.4f} BPCER "
+                     f"{p['val_bpcer']:.4f}  test APCER {p['test_apcer']:.4f} BPCER {p['test_bpcer']:.4f}"
+                     + ("" if p["resolved"] else "  (val too small to resolve this target)"))
+    return "\n".join(lines)
 
 
 def roc_auc(scores, labels):
@@ -853,16 +917,9 @@ def compute_metrics(scores, labels, attack_types, threshold=None):
     eer_point = eer_threshold(scores, labels)
     if threshold is None:
         threshold = eer_point
-
-    def error_rates(t):
-        predicted_live = scores >= t
-        spoof, live = labels == SPOOF, labels == LIVE
-        apcer = float(predicted_live[spoof].mean()) if spoof.any() else float("nan")
-        bpcer = float((~predicted_live[live]).mean()) if live.any() else float("nan")
-        return predicted_live, apcer, bpcer
-
-    predicted_live, apcer, bpcer = error_rates(threshold)
-    _, eer_apcer, eer_bpcer = error_rates(eer_point)
+    predicted_live = scores >= threshold
+    rates, eer_rates = compute_error_rates(scores, labels, threshold), compute_error_rates(scores, labels, eer_point)
+    apcer, bpcer = rates["apcer"], rates["bpcer"]
     per_attack = {a: float(predicted_live[attack_types == a].mean())
                   for a in sorted(set(attack_types[labels == SPOOF]))}
     return {
@@ -872,7 +929,7 @@ def compute_metrics(scores, labels, attack_types, threshold=None):
         "bpcer": bpcer,
         "acer": (apcer + bpcer) / 2,
         "auc": roc_auc(scores, labels),
-        "eer": (eer_apcer + eer_bpcer) / 2,
+        "eer": (eer_rates["apcer"] + eer_rates["bpcer"]) / 2,
         "apcer_per_attack": per_attack,
         "worst_apcer": max(per_attack.values()) if per_attack else float("nan"),
         "num_images": int(len(labels)),
@@ -1075,6 +1132,23 @@ def write_report(output_dir):
         lines += ["", f"Student: test ACER {final['test_acer']:.4f}, ACC {final['test_acc']:.4f}, worst-attack APCER "
                       f"{final['test_worst_apcer']:.4f}, on {final['num_test_images']} test images; best epoch "
                       f"{final['best_epoch']}."]
+    if final and final.get("operating_points"):
+        lines += ["", "## Operating points of the student", "",
+                  "Thresholds fitted on val for the error a deployment can afford; test is scored at each. "
+                  "`resolved: no` means val has too few images of that class to tell the target from 0.", "",
+                  "| target | threshold | val APCER | val BPCER | test APCER | test BPCER | resolved |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['target']} | {p['threshold']:.6f} | {p['val_apcer']:.4f} | {p['val_bpcer']:.4f} | "
+                  f"{p['test_apcer']:.4f} | {p['test_bpcer']:.4f} | {'yes' if p['resolved'] else 'no'} |"
+                  for p in final["operating_points"]]
+    compute = [(name, results["compute"]) for name, results in (("teacher (stage 1)", stage1), ("student (stage 2)", final))
+               if results and results.get("compute")]
+    if compute:
+        lines += ["", "## Compute budget", "", "| model | network | input | params (M) | GMACs | GFLOPs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['model_name']} | {c['img_size']} | {c['params_m']:.2f} | {c['gmacs']:.3f} | "
+                  f"{c['gflops']:.3f} |" for name, c in compute]
+        lines += ["", "GFLOPs = 2 x GMACs. " + " ".join(c["challenge_limit"] for _, c in compute)]
     plots = sorted((output_dir / "plots").glob("*.png")) if (output_dir / "plots").is_dir() else []
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
