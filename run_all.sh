@@ -217,6 +217,8 @@ if os.path.exists(final):
           f"at the val threshold {r['threshold']:.4f}")
     if r.get("teacher_test_acer") is not None:
         print(f"stage 1 teacher test ACER {r['teacher_test_acer']:.4f}")
+    if r.get("compute"):
+        print(f"student compute: {r['compute']['challenge_limit']}")
 elif os.path.exists(os.path.join(out, "stage1_results.json")):
     r = json.load(open(os.path.join(out, "stage1_results.json")))["test"]
     print(f"stage 1 teacher: test ACC {r['acc']:.4f}  ACER {r['acer']:.4f}  AUC {r['auc']:.4f}")
@@ -231,4 +233,8 @@ for name, what in [("final_results.json", "final test metrics"), ("stage1_result
                    ("logs", "training logs"), ("experiment_info.json", "versions, devices, timings")]:
     if os.path.exists(os.path.join(out, name)):
         print(f"  {name:<28} {what}")
+if os.path.exists(final):
+    print(f"\nTo deploy: python train_stage2.py --export_onnx --output_dir {out}   (ONNX, checked with onnxruntime)\n"
+          f"           python train_stage2.py --predict_only --output_dir {out} --predict_folder DIR   (any images)\n"
+          f"Thresholds for BPCER or APCER targets: operating points in the report")
 EOF

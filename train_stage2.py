@@ -11,6 +11,7 @@ final_results.json, stage2_{val,test}_predictions.csv and, with --predict_lists,
 import argparse
 import csv
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -572,6 +573,9 @@ def export_onnx(args, accelerator, tolerance=1e-4, batch_size=32):
     except ImportError as error:
         raise UserError(f"--export_onnx needs onnx, onnxscript and onnxruntime ({error}): "
                         "pip install onnx onnxscript onnxruntime") from None
+    if "external_data" not in inspect.signature(torch.onnx.export).parameters:
+        raise UserError(f"--export_onnx needs torch's torch.export-based ONNX exporter (torch 2.6 or later); this is "
+                        f"torch {torch.__version__}")
     if accelerator.num_processes > 1:
         raise UserError(f"--export_onnx runs in one process: python train_{STAGE}.py --export_onnx --output_dir "
                         f"{args.output_dir}")
@@ -582,28 +586,41 @@ def export_onnx(args, accelerator, tolerance=1e-4, batch_size=32):
     mean, std = data_config["mean"], data_config["std"]
     threshold = metadata.get("val_metrics", {}).get("threshold")
     compute = metadata.get("compute") or compute_budget(net, metadata["model_name"], img_size)
+    crops, source = parity_crops(args.output_dir, args.data_root or stage1_data_root(args.output_dir), img_size,
+                                 face_crop_scale)
+    batches = list(crops.split(batch_size))
+
+    def timed(predict):
+        predict(batches[0])  # warm-up: the first call allocates and picks kernels
+        start = time.perf_counter()
+        scores = np.concatenate([predict(batch) for batch in batches])
+        return scores, len(crops) / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def reference(batch):  # what training and prediction compute
+        return net(wfas_data.to_model_input(batch, mean, std)).softmax(-1)[:, LIVE].numpy()
+
+    expected, torch_speed = timed(reference)
+
     # torch.export cannot decompose timm's fused attention with MaxViT's relative position bias; the plain
-    # softmax(QK^T)V path exports, and computes the same
+    # softmax(QK^T)V path exports (the parity check compares it with the fused one)
     for module in net.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
-    deployed = DeployedModel(net, mean, std).eval()
-
     onnx_path = Path(args.output_dir) / f"{checkpoint.stem}.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = wfas_data.aside(onnx_path)
     logger.info(f"Exporting {checkpoint} ({metadata['model_name']}, image size {img_size}) to ONNX")
-    example = torch.zeros(2, 3, img_size, img_size, dtype=torch.uint8)
     for chatty in ("onnxscript", "onnx_ir"):  # their graph optimiser logs every rewrite at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        torch.onnx.export(deployed, (example,), tmp, input_names=["face_crops"], output_names=["p_live"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
-                          verbose=False)
-    except Exception as error:  # the exporter's errors are long reports; the first line says what failed
+        torch.onnx.export(DeployedModel(net, mean, std).eval(), (crops[:2],), tmp, input_names=["face_crops"],
+                          output_names=["p_live"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                          opset_version=18, external_data=False, verbose=False)  # 18: runtimes of 2023 on
+    except Exception as error:  # the exporter's errors are long reports; their first line says what failed
         tmp.unlink(missing_ok=True)
-        raise UserError(f"torch.onnx.export cannot export {metadata['model_name']}: {str(error).splitlines()[0]}") from None
-    model = onnx.load(tmp)
+        raise UserError(f"torch.onnx.export cannot export {metadata['model_name']}: "
+                        f"{str(error).splitlines()[0]}") from None
     deployment = {
         "stage": STAGE, "model_name": metadata["model_name"], "source_checkpoint": str(checkpoint.resolve()),
         "input": f"face_crops: uint8 [batch, 3, {img_size}, {img_size}], RGB",
@@ -619,26 +636,12 @@ def export_onnx(args, accelerator, tolerance=1e-4, batch_size=32):
         "val_metrics": json.dumps(metadata.get("val_metrics")), "compute": json.dumps(compute),
         "exported_with": f"torch {torch.__version__}, timm {timm.__version__}",
     }
+    model = onnx.load(tmp)
     onnx.helper.set_model_props(model, deployment)
     onnx.checker.check_model(model)
     onnx.save(model, tmp)
 
-    crops, source = parity_crops(args.output_dir, args.data_root or stage1_data_root(args.output_dir), img_size,
-                                 face_crop_scale)
-    batches = list(crops.split(batch_size))
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-
-    def timed(predict):
-        predict(batches[0])  # warm-up: the first call allocates and picks kernels
-        start = time.perf_counter()
-        scores = np.concatenate([predict(batch) for batch in batches])
-        return scores, len(crops) / (time.perf_counter() - start)
-
-    @torch.no_grad()
-    def reference(batch):  # what training and prediction compute
-        return net(wfas_data.to_model_input(batch, mean, std)).softmax(-1)[:, LIVE].numpy()
-
-    expected, torch_speed = timed(reference)
     exported, onnx_speed = timed(lambda batch: session.run(None, {"face_crops": batch.numpy()})[0])
     largest = float(np.abs(exported - expected).max())
     if not largest <= tolerance:  # NaN fails too
@@ -651,8 +654,9 @@ def export_onnx(args, accelerator, tolerance=1e-4, batch_size=32):
                 f"({torch.get_num_threads()} threads, batches of {batch_size})")
     logger.info(f"Wrote {onnx_path}: input {deployment['input']}, output p_live [batch]; live when p_live >= "
                 f"{threshold}. {compute['challenge_limit']}")
-    return {"onnx_path": str(onnx_path), "max_abs_diff": largest, "parity_images": len(crops), "parity_source": source,
-            "torch_images_per_second": torch_speed, "onnx_images_per_second": onnx_speed, **deployment}
+    return {"onnx_path": str(onnx_path), "max_abs_diff": largest, "parity_images": len(crops),
+            "parity_source": source, "torch_images_per_second": torch_speed, "onnx_images_per_second": onnx_speed,
+            **deployment}
 
 
 def stage1_data_root(output_dir):
@@ -1164,7 +1168,8 @@ def main(argv=None):
         "test_acc": test["acc"], "test_acer": test["acer"], "test_apcer": test["apcer"],
         "test_bpcer": test["bpcer"], "test_auc": test["auc"], "test_eer": test["eer"],
         "test_apcer_per_attack": test["apcer_per_attack"], "test_worst_apcer": test["worst_apcer"],
-        "threshold": val["threshold"], "operating_points": operating_points, "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"],
+        "threshold": val["threshold"], "operating_points": operating_points,
+        "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"],
         "best_epoch": state["best_epoch"] + 1, "num_test_images": test["num_images"],
         "num_val_images": val["num_images"], "teacher_test_acer": teacher_test.get("acer"),
         "teacher_test_acc": teacher_test.get("acc"), "num_soft_label_fallbacks": num_fallback,

@@ -856,14 +856,17 @@ def operating_points(val_scores, val_labels, test_scores, test_labels, targets=O
     if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
         return []
     candidates, apcer, bpcer = candidate_thresholds(val_scores, val_labels)
+    num_live, num_spoof = int((val_labels == LIVE).sum()), int((val_labels == SPOOF).sum())
+    # errors counted in images: as rates, 1 - 99/100 would exceed 1%
+    live_errors, spoof_errors = np.rint(bpcer * num_live), np.rint(apcer * num_spoof)
     points = []
     for error, target in targets:
+        num_class = num_live if error == "bpcer" else num_spoof
+        allowed = math.floor(target * num_class + 1e-9)
         if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
-            index = np.flatnonzero(bpcer <= target)[-1]
-            num_class = int((val_labels == LIVE).sum())
+            index = np.flatnonzero(live_errors <= allowed)[-1]
         else:  # APCER falls as the threshold grows: the lowest one within the target
-            index = np.flatnonzero(apcer <= target)[0]
-            num_class = int((val_labels == SPOOF).sum())
+            index = np.flatnonzero(spoof_errors <= allowed)[0]
         threshold = float(candidates[index])
         test = compute_error_rates(test_scores, test_labels, threshold)
         points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
@@ -1141,7 +1144,8 @@ def write_report(output_dir):
         lines += [f"| {p['target']} | {p['threshold']:.6f} | {p['val_apcer']:.4f} | {p['val_bpcer']:.4f} | "
                   f"{p['test_apcer']:.4f} | {p['test_bpcer']:.4f} | {'yes' if p['resolved'] else 'no'} |"
                   for p in final["operating_points"]]
-    compute = [(name, results["compute"]) for name, results in (("teacher (stage 1)", stage1), ("student (stage 2)", final))
+    compute = [(name, results["compute"]) for name, results in (("teacher (stage 1)", stage1),
+                                                                  ("student (stage 2)", final))
                if results and results.get("compute")]
     if compute:
         lines += ["", "## Compute budget", "", "| model | network | input | params (M) | GMACs | GFLOPs |",

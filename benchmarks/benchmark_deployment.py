@@ -1,0 +1,85 @@
+"""Where timm models stand against the WFAS challenge's single-model limit of 5 GFLOPs, and what an ONNX export
+of one costs on this CPU.
+
+    python benchmarks/benchmark_deployment.py budget [MODEL[@SIZE] ...]     # a markdown table
+    python benchmarks/benchmark_deployment.py export maxvit_base_tf_224 [--img_size 224]
+
+budget: parameters, GMACs and GFLOPs (2 x MACs) of one image's forward pass, counted by the stage scripts'
+compute_budget (torch's FLOP counter), for the recipe's models and smaller ones of the same families.
+
+export: a randomly initialised checkpoint of the model, written as train_stage2.py writes its best one, goes
+through `train_stage2.py --export_onnx` (export, metadata, onnxruntime parity on 64 generated crops, img/s of
+both).
+Random weights change neither the graph nor the speed; parity on trained weights is checked on val images by every
+real export."""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import train_stage2  # noqa: E402
+
+DEFAULT_MODELS = [
+    "convnext_base", "maxvit_base_tf_224",  # the recipe's teacher and student
+    "convnext_tiny", "convnext_nano", "convnext_pico", "convnext_femto", "convnext_atto",
+    "maxvit_tiny_tf_224", "maxvit_nano_rw_256", "maxvit_rmlp_nano_rw_256", "maxvit_pico_rw_256",
+    "maxvit_rmlp_pico_rw_256", "maxvit_nano_rw_256@224", "convnext_tiny@160", "convnext_base@112",
+]
+
+
+def budget(models):
+    print("| model | input | params (M) | GMACs | GFLOPs | within 5 GFLOPs |")
+    print("|---|---|---|---|---|---|")
+    for spec in models:
+        model_name, _, size = spec.partition("@")
+        net = train_stage2.create_model(model_name, int(size) if size else None)
+        img_size = int(size) if size else net.pretrained_cfg["input_size"][-1]
+        b = train_stage2.compute_budget(net, model_name, img_size)
+        print(f"| {model_name} | {img_size} | {b['params_m']:.1f} | {b['gmacs']:.2f} | {b['gflops']:.2f} | "
+              f"{b['within_challenge_limit']} |", flush=True)
+
+
+def export(model_name, img_size):
+    net = train_stage2.create_model(model_name, img_size)
+    img_size = img_size or net.pretrained_cfg["input_size"][-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "stage2_best.safetensors"
+        metadata = {"model_name": model_name, "img_size": str(img_size), "face_crop_scale": "1.5",
+                    "val_metrics": json.dumps({"threshold": 0.5})}
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, checkpoint, metadata=metadata)
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, str(REPO / "train_stage2.py"), "--export_onnx", "--checkpoint",
+                                 str(checkpoint), "--output_dir", tmp], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        print(result.stdout + result.stderr)
+        onnx_file = Path(tmp) / "stage2_best.onnx"
+        if result.returncode == 0:
+            print(f"{model_name} at {img_size}: export + parity {seconds:.0f} s, "
+                  f"{onnx_file.stat().st_size / 2**20:.0f} MiB")
+        return result.returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("budget")
+    p.add_argument("models", nargs="*", default=DEFAULT_MODELS, help="timm names, with @SIZE for another input size")
+    p = commands.add_parser("export")
+    p.add_argument("model_name")
+    p.add_argument("--img_size", type=int, default=None)
+    args = parser.parse_args()
+    if args.command == "budget":
+        budget(args.models)
+        return 0
+    return export(args.model_name, args.img_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
