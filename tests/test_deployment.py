@@ -100,8 +100,9 @@ def test_export_without_the_data_checks_on_generated_crops(stage1_run, tmp_path)
 def test_an_export_that_fails_parity_is_not_written(stage1_run, tmp_path):
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
     args = train_stage1.parse_args(["--export_onnx", "--output_dir", str(exp)])
+    args.onnx_tolerance = -1.0  # no difference passes
     with pytest.raises(UserError, match="away from PyTorch .* was not written"):
-        train_stage1.export_onnx(args, Accelerator(cpu=True), tolerance=-1.0)  # no difference passes
+        train_stage1.export_onnx(args, Accelerator(cpu=True))
     assert not list(exp.glob("*.onnx")) and not list(exp.glob("*.tmp"))
 
 
