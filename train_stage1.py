@@ -2,6 +2,7 @@
 
     accelerate launch train_stage1.py --data_root WFAS --output_dir EXP
     python train_stage1.py --data_root WFAS --output_dir EXP          # one device
+    python train_stage1.py --export_onnx --output_dir EXP             # the teacher as EXP/stage1_best.onnx
 
 Writes into EXP: split.csv, stage1_config.json, checkpoints/stage1/{stage1_best.safetensors, stage1_latest/},
 logs/stage1/, stage1_soft_labels.pth ({image path: [prob_spoof, prob_live]}) and stage1_results.json.

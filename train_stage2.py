@@ -4,9 +4,12 @@ against stage 1's soft labels; final val/test results and the challenge submissi
     accelerate launch train_stage2.py --output_dir EXP                  # after stage 1 wrote EXP
     python train_stage2.py --output_dir EXP --predict_lists WFAS/Dev/Dev.txt WFAS/Test/Test.txt
     python train_stage2.py --predict_only --output_dir EXP --predict_lists Dev.txt Test.txt
+    python train_stage2.py --predict_only --output_dir EXP --predict_folder photos/   # any folder of images
+    python train_stage2.py --export_onnx --output_dir EXP                            # EXP/stage2_best.onnx
 
 Writes into EXP: stage2_config.json, checkpoints/stage2/{stage2_best.safetensors, stage2_latest/}, logs/stage2/,
-final_results.json, stage2_{val,test}_predictions.csv and, with --predict_lists, submission.txt/.zip.
+final_results.json (test metrics, threshold, operating points, compute), stage2_{val,test}_predictions.csv and,
+with --predict_lists, submission.txt/.zip; with --predict_folder, predictions_<folder name>.csv.
 """
 import argparse
 import csv

@@ -6,6 +6,8 @@ import shutil
 import sys
 
 import numpy as np
+import onnx  # requirements-test.txt: the export is optional for users, not for the tests
+import onnxruntime
 import pytest
 import timm
 import torch
@@ -16,9 +18,6 @@ import train_stage1
 import train_stage2
 import wfas_data
 from wfas_data import UserError
-
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
 
 
 def copy_experiment(exp, destination):
