@@ -13,7 +13,7 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from conftest import run_script
+from conftest import launch_two_processes, run_script
 import train_stage1
 import train_stage2
 import wfas_data
@@ -190,6 +190,28 @@ def test_folder_threshold_option_and_warning_count(stage2_run, photo_folder, tmp
         assert "1 of the 6 images" in log and "could not be decoded" in log
         decisions = {r["decision"] for r in read_rows(tmp_path / "predictions_my photos.csv")}
         assert decisions == {decision, "undecodable"}
+
+
+def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_path):
+    """Each image once (no sampler padding), the same scores, one CSV; an export refuses several processes."""
+    exp, _ = stage2_run
+    folder, _ = photo_folder
+    args = ["--predict_only", "--predict_folder", str(folder), "--checkpoint", str(checkpoint_of(exp, "stage2")),
+            "--num_workers", "0", "--batch_size", "4"]
+    one = run_script([sys.executable, "train_stage2.py", *args, "--output_dir", str(tmp_path / "one")])
+    two = launch_two_processes("train_stage2.py", [*args, "--output_dir", str(tmp_path / "two")])
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows_one = read_rows(tmp_path / "one" / "predictions_my photos.csv")
+    rows_two = read_rows(tmp_path / "two" / "predictions_my photos.csv")
+    assert [r["path"] for r in rows_two] == [r["path"] for r in rows_one]
+    assert [r["decision"] for r in rows_two] == [r["decision"] for r in rows_one]
+    assert np.allclose([float(r["score"] or "nan") for r in rows_two], [float(r["score"] or "nan") for r in rows_one],
+                       atol=1e-6, equal_nan=True)
+
+    refused = launch_two_processes("train_stage2.py", ["--export_onnx", "--output_dir", str(exp)])
+    # each process says it in one line (the launcher then reports its failed child in its own way)
+    assert refused.returncode != 0 and refused.stderr.count("error: --export_onnx runs in one process") == 2
+    assert not list(exp.glob("*.onnx"))
 
 
 @pytest.mark.parametrize("contents, message", [
