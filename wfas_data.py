@@ -817,23 +817,26 @@ def check_scores(scores):
 def candidate_thresholds(scores, labels):
     """Every distinct decision on these scores: thresholds halfway between adjacent distinct scores (and
     below the lowest, above the highest), never on a score, so that a decision at a threshold does not hang
-    on how a score was rounded in a file. Returns (thresholds, APCER, BPCER at each), thresholds ascending."""
+    on how a score was rounded in a file. Returns the thresholds, ascending, and the errors at each counted in
+    images: spoof images accepted (score >= t) and live images rejected (score < t)."""
     scores, labels = check_scores(scores), np.asarray(labels)
     live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
     distinct = np.unique(scores)
     candidates = np.concatenate([[min(distinct[0], 0.0) - 1e-6], (distinct[:-1] + distinct[1:]) / 2,
                                  [max(distinct[-1], 1.0) + 1e-6]])
-    apcer = 1 - np.searchsorted(spoof, candidates, side="left") / len(spoof)  # spoof with score >= t
-    bpcer = np.searchsorted(live, candidates, side="left") / len(live)        # live with score < t
-    return candidates, apcer, bpcer
+    spoof_accepted = len(spoof) - np.searchsorted(spoof, candidates, side="left")
+    live_rejected = np.searchsorted(live, candidates, side="left")
+    return candidates, spoof_accepted, live_rejected
 
 
 def eer_threshold(scores, labels):
     """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
     labels = np.asarray(labels)
-    if not (labels == LIVE).any() or not (labels == SPOOF).any():
+    num_live, num_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
+    if num_live == 0 or num_spoof == 0:
         return 0.5
-    candidates, apcer, bpcer = candidate_thresholds(scores, labels)
+    candidates, spoof_accepted, live_rejected = candidate_thresholds(scores, labels)
+    apcer, bpcer = spoof_accepted / num_spoof, live_rejected / num_live
     best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
     return float(candidates[best])
 
@@ -855,24 +858,21 @@ def operating_points(val_scores, val_labels, test_scores, test_labels, targets=O
     val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
     if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
         return []
-    candidates, apcer, bpcer = candidate_thresholds(val_scores, val_labels)
+    candidates, spoof_accepted, live_rejected = candidate_thresholds(val_scores, val_labels)
     num_live, num_spoof = int((val_labels == LIVE).sum()), int((val_labels == SPOOF).sum())
-    # errors counted in images: as rates, 1 - 99/100 would exceed 1%
-    live_errors, spoof_errors = np.rint(bpcer * num_live), np.rint(apcer * num_spoof)
     points = []
     for error, target in targets:
-        num_class = num_live if error == "bpcer" else num_spoof
-        allowed = math.floor(target * num_class + 1e-9)
+        # errors compared in images (as rates, 1 - 99/100 exceeds 1%); 1e-9: 0.29 * 100 is 28.999999999999996
         if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
-            index = np.flatnonzero(live_errors <= allowed)[-1]
+            num_class, index = num_live, np.flatnonzero(live_rejected <= target * num_live + 1e-9)[-1]
         else:  # APCER falls as the threshold grows: the lowest one within the target
-            index = np.flatnonzero(spoof_errors <= allowed)[0]
+            num_class, index = num_spoof, np.flatnonzero(spoof_accepted <= target * num_spoof + 1e-9)[0]
         threshold = float(candidates[index])
         test = compute_error_rates(test_scores, test_labels, threshold)
         points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
-                       "threshold": threshold, "val_apcer": float(apcer[index]), "val_bpcer": float(bpcer[index]),
-                       "test_apcer": test["apcer"], "test_bpcer": test["bpcer"],
-                       "resolved": bool(num_class * target >= 1)})
+                       "threshold": threshold, "val_apcer": float(spoof_accepted[index] / num_spoof),
+                       "val_bpcer": float(live_rejected[index] / num_live), "test_apcer": test["apcer"],
+                       "test_bpcer": test["bpcer"], "resolved": bool(num_class * target >= 1)})
     return points
 
 

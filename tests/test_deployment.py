@@ -208,10 +208,11 @@ def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_
     assert np.allclose([float(r["score"] or "nan") for r in rows_two], [float(r["score"] or "nan") for r in rows_one],
                        atol=1e-6, equal_nan=True)
 
-    refused = launch_two_processes("train_stage2.py", ["--export_onnx", "--output_dir", str(exp)])
+    refused = launch_two_processes("train_stage2.py", ["--export_onnx", "--output_dir", str(tmp_path / "three"),
+                                                       "--checkpoint", str(checkpoint_of(exp, "stage2"))])
     # each process says it in one line (the launcher then reports its failed child in its own way)
     assert refused.returncode != 0 and refused.stderr.count("error: --export_onnx runs in one process") == 2
-    assert not list(exp.glob("*.onnx"))
+    assert not list((tmp_path / "three").glob("*.onnx"))
 
 
 @pytest.mark.parametrize("contents, message", [
