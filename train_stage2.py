@@ -817,6 +817,17 @@ def challenge_set(list_file):
                     "contain 'dev' or 'test' (as WFAS/Dev/Dev.txt and WFAS/Test/Test.txt do)")
 
 
+def score_unlabelled(model, accelerator, args, table, img_size, data_config, face_crop_scale, cache, desc):
+    """P(live) of every image of an unlabelled table, in table order; NaN where an image cannot be decoded."""
+    dataset = wfas_data.FaceDataset(table, img_size, face_crop_scale=face_crop_scale, cache=cache)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
+                                                             **wfas_data.default_loader_settings(args.num_workers)))
+    scores, indices, ok = predict_scores(model, loader, accelerator, data_config, args.tta, desc=desc)
+    table_scores = np.full(len(table), np.nan)
+    table_scores[indices[ok]] = scores[ok]
+    return table_scores
+
+
 def write_submission(model, accelerator, args, img_size, data_config, face_crop_scale):
     """EXP/submission.txt: `dev/<name> <P(live)>` lines in list order, dev before test; and a zip of it.
     An image that cannot be decoded still gets its line, with 0.5, and a warning. Scores keep 12 decimals,
@@ -834,15 +845,12 @@ def write_submission(model, accelerator, args, img_size, data_config, face_crop_
             table, args.face_cache_dir, img_size, face_crop_scale, loader_settings["num_workers"],
             accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, logger.info,
         ) if args.face_cache else None
-        dataset = wfas_data.FaceDataset(table, img_size, face_crop_scale=face_crop_scale, cache=cache)
-        loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
-                                                                 **loader_settings))
-        scores, indices, ok = predict_scores(model, loader, accelerator, data_config, args.tta,
-                                             desc=Path(list_file).name)
-        list_scores = np.full(len(names), 0.5)
-        list_scores[indices[ok]] = scores[ok]
-        if (~ok).any():
-            logger.warning(f"{int((~ok).sum())} images of {list_file} could not be decoded; they are scored 0.5")
+        list_scores = score_unlabelled(model, accelerator, args, table, img_size, data_config, face_crop_scale, cache,
+                                       desc=Path(list_file).name)
+        undecodable = np.isnan(list_scores)
+        if undecodable.any():
+            logger.warning(f"{int(undecodable.sum())} images of {list_file} could not be decoded; they are scored 0.5")
+            list_scores[undecodable] = 0.5
         prefix = sets[list_file]
         keys = [name if name.startswith(prefix + "/") else f"{prefix}/{name}" for name in names]
         lines += [f"{key} {score:.12f}" for key, score in zip(keys, np.clip(list_scores, 0, 1))]
@@ -876,13 +884,8 @@ def score_folder(model, accelerator, args, img_size, data_config, face_crop_scal
     threshold = val_threshold if args.threshold is None else args.threshold
     if threshold is None:
         raise UserError("the checkpoint records no val threshold; pass --threshold T")
-    table = wfas_data.unlabelled_table(folder, paths)
-    dataset = wfas_data.FaceDataset(table, img_size, face_crop_scale=face_crop_scale)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
-                                                             **wfas_data.default_loader_settings(args.num_workers)))
-    scores, indices, ok = predict_scores(model, loader, accelerator, data_config, args.tta, desc=folder.name)
-    folder_scores = np.full(len(paths), np.nan)
-    folder_scores[indices[ok]] = scores[ok]
+    folder_scores = score_unlabelled(model, accelerator, args, wfas_data.unlabelled_table(folder, paths), img_size,
+                                     data_config, face_crop_scale, cache=None, desc=folder.name)
     decisions = np.where(np.isnan(folder_scores), "undecodable", np.where(folder_scores >= threshold, "live", "spoof"))
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
     if accelerator.is_main_process:
