@@ -1,5 +1,9 @@
-"""The stage 2 losses: focal (Lin et al. 2017), batch-hard triplet (Hermans et al. 2017) and distillation
-from stage 1's soft labels. All are computed in float32, whatever the autocast precision of the model.
+"""The losses of both stages: cross-entropy for the stage 1 teacher; focal (Lin et al. 2017), batch-hard triplet
+(Hermans et al. 2017) and distillation from stage 1's soft labels for the stage 2 student. All are computed in
+float32, whatever the autocast precision of the model.
+
+A new stage 2 term is one function here, one entry in stage2_loss's `terms` and STAGE2_TERMS, and one
+`--<name>_weight` flag in train_stage2.py: the script's logs, summary.csv and trackers follow the parts.
 
 Each takes optional per-sample weights (1 = use, 0 = leave out, e.g. an image that could not be decoded),
 so that leaving samples out needs no boolean indexing, which would make the CPU wait for the device."""
@@ -11,6 +15,11 @@ def weighted_mean(values, weights=None):
     if weights is None:
         return values.mean()
     return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def cross_entropy(logits, targets, weights=None):
+    """The stage 1 loss: mean cross-entropy over the samples whose weight is 1."""
+    return weighted_mean(F.cross_entropy(logits.float(), targets, reduction="none"), weights)
 
 
 def focal_loss(logits, targets, gamma=2.0, alpha=None, weights=None):
@@ -58,14 +67,22 @@ def distillation_loss(student_logits, teacher_probs, temperature=1.0, weights=No
     return weighted_mean(per_sample, weights) * temperature ** 2
 
 
-def stage2_loss(logits, embeddings, labels, teacher_probs, *, weights=None, focal_weight=1.0, triplet_weight=0.5,
-                kd_weight=1.0, focal_gamma=2.0, focal_alpha=None, triplet_margin=0.3, kd_temperature=1.0):
-    """Total = focal_weight * focal + triplet_weight * triplet + kd_weight * kd, over the samples whose
-    weight is 1. Returns the total and each part (detached) for logging."""
-    parts = {
-        "focal": focal_loss(logits, labels, focal_gamma, focal_alpha, weights),
-        "triplet": batch_hard_triplet_loss(embeddings, labels, triplet_margin, weights),
-        "kd": distillation_loss(logits, teacher_probs, kd_temperature, weights),
+# the stage 2 terms, in the order the logs show them; each has a --<name>_weight flag in train_stage2.py
+STAGE2_TERMS = ("focal", "triplet", "kd")
+
+
+def stage2_loss(logits, embeddings, labels, teacher_probs, term_weights, *, weights=None, focal_gamma=2.0,
+                focal_alpha=None, triplet_margin=0.3, kd_temperature=1.0):
+    """Total = sum of term_weights[name] * term, over the samples whose weight is 1. term_weights: a weight for
+    each of STAGE2_TERMS, e.g. {"focal": 1.0, "triplet": 0.5, "kd": 1.0}. Returns the total and each part
+    (detached) for logging; a term of weight 0 is still computed and logged."""
+    terms = {
+        "focal": lambda: focal_loss(logits, labels, focal_gamma, focal_alpha, weights),
+        "triplet": lambda: batch_hard_triplet_loss(embeddings, labels, triplet_margin, weights),
+        "kd": lambda: distillation_loss(logits, teacher_probs, kd_temperature, weights),
     }
-    total = focal_weight * parts["focal"] + triplet_weight * parts["triplet"] + kd_weight * parts["kd"]
+    if set(term_weights) != set(terms):
+        raise ValueError(f"term_weights must weigh each of {sorted(terms)}, got {sorted(term_weights)}")
+    parts = {name: terms[name]() for name in STAGE2_TERMS}
+    total = sum(term_weights[name] * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

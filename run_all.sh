@@ -27,8 +27,9 @@ With --data_root it runs the recipe: convnext_base 50 epochs, then maxvit_base_t
                             a finished stage 1 is kept, an unfinished stage resumes from its latest state,
                             and with no state yet it starts fresh, so a requeued job can always pass it
   --soft_labels_path P      soft labels for stage 2 (default: EXP/stage1_soft_labels.pth)
-  --download_only           fetch both stages' pretrained weights into their caches (EXP/model/...) and say where
-                            they are; run it on a login node with internet, then train on the compute nodes
+  --download_only           fetch both stages' pretrained weights into their caches (EXP/model/...) with
+                            tools/models.py and say where they are; run it on a login node with internet, then
+                            train on the compute nodes
   --stage1_args "..."       flags appended to stage 1's command (they win over the defaults)
   --stage2_args "..."       flags appended to stage 2's command
   --config_stage1 F.json    a JSON config for stage 1 (see train_stage1.py --help)
@@ -80,7 +81,7 @@ if [[ $DOWNLOAD_ONLY == 1 ]]; then
     # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
     extra=(${!args_var})
     echo "=== Stage $n: fetching the pretrained weights ==="
-    "$PYTHON" "$HERE/train_stage$n.py" "${config[@]}" --download_only --output_dir "$OUTPUT_DIR" "${extra[@]}"
+    "$PYTHON" "$HERE/tools/models.py" download --stage "$n" "${config[@]}" --output_dir "$OUTPUT_DIR" "${extra[@]}"
   done
   echo "Weights cached under $OUTPUT_DIR/model/; runs with --output_dir $OUTPUT_DIR (or the same --model_cache_dir) reuse them offline"
   exit 0
@@ -92,7 +93,7 @@ if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
   echo "=== DEMO: a small run on GENERATED data (not real faces), to check the pipeline end to end ==="
   echo "=== For WFAS: bash run_all.sh --data_root /path/to/WFAS                                     ==="
   if [[ ! -d $DATA_ROOT/Train ]]; then
-    "$PYTHON" "$HERE/wfas_data.py" make_demo "$DATA_ROOT" --subjects "${DEMO_SUBJECTS:-150}"
+    "$PYTHON" "$HERE/tools/make_demo.py" "$DATA_ROOT" --subjects "${DEMO_SUBJECTS:-150}"
   fi
   # configs/demo_stage*.json: small models from scratch at 64 px. A ConvNeXt trained from scratch needs far more
   # epochs than a CPU demo has; ResNet-18 learns the demo's cues in a few. The real recipe's teacher is
@@ -113,13 +114,12 @@ if [[ $RESUME == 1 ]]; then
   STAGE1+=(--resume_from_checkpoint latest)
   STAGE2+=(--resume_from_checkpoint latest)
 fi
-# the challenge lists shipped next to Train/ are scored into EXP/submission.txt
+# the challenge lists shipped next to Train/ are scored into EXP/submission.txt after stage 2 (tools/predict.py)
 LISTS=()
 ROOT="${DATA_ROOT%/}"; [[ $(basename "$ROOT") == Train ]] && ROOT="$(dirname "$ROOT")"
 for name in Dev Test; do
   [[ -n $ROOT && -f $ROOT/$name/$name.txt ]] && LISTS+=("$ROOT/$name/$name.txt")
 done
-[[ ${#LISTS[@]} -gt 0 ]] && STAGE2+=(--predict_lists "${LISTS[@]}")
 # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
 STAGE1+=($STAGE1_ARGS)
 # shellcheck disable=SC2206
@@ -170,7 +170,7 @@ wfas_data.write_json(os.path.join(out, "experiment_info.json"), info)
 EOF
 }
 
-run_stage() {  # run_stage N script args...: launch one stage, stop everything if it fails
+run_stage() {  # run_stage N script args...: launch one stage (or tool), stop everything if it fails
   local n="$1" script="$2"; shift 2
   local began=$SECONDS status=0
   echo "=== Stage $n: accelerate launch ${ACCELERATE_ARGS:+$ACCELERATE_ARGS }$script $* ==="
@@ -202,8 +202,17 @@ if [[ $RESUME == 1 && $STAGE2_ONLY == 0 && -f $OUTPUT_DIR/stage1_results.json ]]
   STAGE2_ONLY=1 STATUS1="ok (earlier run)"
 fi
 [[ $STAGE2_ONLY == 1 ]] || run_stage 1 train_stage1.py "${STAGE1[@]}"
-[[ $STAGE1_ONLY == 1 ]] || run_stage 2 train_stage2.py "${STAGE2[@]}"
+if [[ $STAGE1_ONLY == 0 ]]; then
+  run_stage 2 train_stage2.py "${STAGE2[@]}"
+  if [[ ${#LISTS[@]} -gt 0 ]]; then
+    echo "=== Submission: tools/predict.py on ${LISTS[*]} ==="
+    # shellcheck disable=SC2086
+    accelerate launch ${ACCELERATE_ARGS:-} "$HERE/tools/predict.py" --output_dir "$OUTPUT_DIR" --predict_lists "${LISTS[@]}" \
+      || fail "the submission failed; rerun: python tools/predict.py --output_dir $OUTPUT_DIR --predict_lists ${LISTS[*]}"
+  fi
+fi
 write_experiment_info
+"$PYTHON" "$HERE/tools/report.py" "$OUTPUT_DIR" >/dev/null || echo "run_all.sh: tools/report.py $OUTPUT_DIR failed" >&2
 
 "$PYTHON" - "$OUTPUT_DIR" "$DEMO" <<'EOF'
 import json, os, sys
@@ -234,7 +243,7 @@ for name, what in [("final_results.json", "final test metrics"), ("stage1_result
     if os.path.exists(os.path.join(out, name)):
         print(f"  {name:<28} {what}")
 if os.path.exists(final):
-    print(f"\nTo deploy: python train_stage2.py --export_onnx --output_dir {out}   (ONNX, checked with onnxruntime)\n"
-          f"           python train_stage2.py --predict_only --output_dir {out} --predict_folder DIR   (any images)\n"
+    print(f"\nTo deploy: python tools/export_onnx.py --output_dir {out}   (ONNX, checked with onnxruntime)\n"
+          f"           python tools/predict.py --output_dir {out} --predict_folder DIR   (any images)\n"
           f"Thresholds for BPCER or APCER targets: operating points in the report")
 EOF

@@ -1,18 +1,21 @@
-"""WFAS data: indexing, subject-disjoint splits, face crops, transforms and the evaluation protocol.
+"""WFAS data: indexing, subject-disjoint splits, face crops, the face-crop cache and the evaluation protocol.
 
-Shared by train_stage1.py and train_stage2.py. Also a small command line:
+Shared by train_stage1.py and train_stage2.py (which define their own train transforms) and tools/. Also a
+small command line:
 
-    python wfas_data.py make_demo DIR [--subjects N] [--seed S]   # a generated dataset in the WFAS layout
-    python wfas_data.py check --data_root DIR [--json] [--verify_images]
+    python wfas_data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
+    python wfas_data.py cache --data_root DIR --output_dir EXP [--img_size 224]  # build the face cache ahead
 
 Conventions used everywhere in the project: live = 1, spoof = 0, and a score is P(live).
 """
 import argparse
 import csv
+import datetime
 import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import socket
@@ -31,6 +34,7 @@ try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its noteb
     from tqdm.auto import tqdm
 except ImportError:
     from tqdm import tqdm
+from torch.utils.flop_counter import FlopCounterMode
 
 LIVE, SPOOF = 1, 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
@@ -69,6 +73,48 @@ def run_cli(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+class PlainProgress:
+    """tqdm's interface for output that is not a terminal (SLURM .out files, CI, `> log`): a plain log line at
+    the first update (unless leave=False) and then every `interval` seconds, instead of a frame per update."""
+
+    def __init__(self, iterable=None, total=None, initial=0, desc="", disable=False, leave=True, interval=60, **_):
+        self.iterable, self.desc, self.disable, self.interval = iterable, desc, disable, interval
+        self.first_line = leave  # a short-lived bar (leave=False) speaks only once it has run `interval`
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = self.initial = initial
+        self.start = self.last = time.time()
+        self.postfix = {}
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        first = self.first_line and self.n - self.initial == n
+        if self.disable or (not first and time.time() - self.last < self.interval):
+            return
+        self.last = time.time()
+        rate = (self.n - self.initial) / max(self.last - self.start, 1e-9)
+        line = f"{self.desc}: {self.n}" + (f"/{self.total} ({100 * self.n / self.total:.1f}%)" if self.total else "")
+        if self.total and rate > 0:
+            line += f", {rate:.2f} it/s, ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}"
+        logging.getLogger("wfas").info(line + "".join(f", {k} {v}" for k, v in self.postfix.items()))
+
+    def set_postfix(self, **postfix):
+        self.postfix = postfix
+
+    def close(self):
+        pass
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A live tqdm bar on a terminal and in notebooks; plain progress lines anywhere else."""
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return (tqdm if interactive else PlainProgress)(iterable, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,7 +182,7 @@ def read_boxes(root, paths, has_bbox=None, workers=16):
     txt_paths = [Path(root, os.path.splitext(paths[i])[0] + ".txt") for i in wanted]
     with ThreadPoolExecutor(workers) as pool:
         points = pool.map(read_bbox, txt_paths, chunksize=256)
-        for i, p in zip(wanted, tqdm(points, total=len(wanted), desc="bbox files", leave=False,
+        for i, p in zip(wanted, progress_bar(points, total=len(wanted), desc="bbox files", leave=False,
                                       disable=len(wanted) < 10_000)):
             if p is not None:
                 boxes[i] = p[:2].reshape(-1)
@@ -478,18 +524,10 @@ def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min
     return image.crop((round(crop[0] * sx), round(crop[1] * sy), round(crop[2] * sx), round(crop[3] * sy)))
 
 
-def build_transform(img_size, train):
-    """uint8 tensor in, uint8 tensor out: what a loader worker does per image. Normalisation and colour
-    jitter run batched on the device (to_model_input), as timm's prefetcher does; uint8 batches also move 4x
-    fewer bytes to the device.
-
-    Attack cues are fine textures (halftone, moire), so augmentation stays mild: a random scale/shift of the
-    face crop and a horizontal flip; one resize, no blur. Bilinear with antialiasing: from a cached crop the
-    scale changes by 15 % at most, where it looks like bicubic and costs half as much. Evaluation is
-    deterministic."""
-    if train:
-        return T.Compose([T.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-                          T.RandomHorizontalFlip()])
+def eval_transform(img_size):
+    """The deterministic resize of evaluation and prediction, uint8 tensor in and out. Bilinear with
+    antialiasing: from a cached crop the scale changes by 15 % at most, where it looks like bicubic and costs
+    half as much. (The train transforms are in the training scripts, where a reader changes them.)"""
     return T.Resize((img_size, img_size), antialias=True)
 
 
@@ -524,6 +562,7 @@ class FaceDataset(torch.utils.data.Dataset):
     They come from a FaceCache when one is given (a small JPEG per face, read through a memory map), else
     from the original photos (cropped around the table's boxes; no bbox file is opened).
 
+    transform: what a loader worker does to each crop, uint8 tensor in and out (default: eval_transform).
     Each item is a dict: image, label, index, ok, error, error_kind. An image that cannot be decoded gives
     ok=False, a zero image, the reason in error and error_kind "decode", so that a multi-hour run logs it and
     carries on, and batch shapes stay equal across processes. A file that cannot be read at all has
@@ -531,12 +570,12 @@ class FaceDataset(torch.utils.data.Dataset):
     in a loader worker would reach it as a traceback instead of one line. Strings stay on the CPU, so
     checking them never waits for the device."""
 
-    def __init__(self, table, img_size, train=False, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
+    def __init__(self, table, img_size, transform=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
         self.root, self.path, self.label, self.box, self.row = table.root, table.path, table.label, table.box, table.row
         self.img_size = img_size
         self.face_crop_scale = face_crop_scale
         self.cache = cache
-        self.transform = build_transform(img_size, train)
+        self.transform = transform or eval_transform(img_size)
 
     def __len__(self):
         return len(self.path)
@@ -582,11 +621,11 @@ def check_undecodable_share(undecodable, seen):
                         "DIR --verify_images` lists them")
 
 
-def build_datasets(table, img_size, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
-    """{'train', 'val', 'test'} datasets of a split table; only train is augmented. cache: a FaceCache of
-    this table, or None to read the original photos."""
-    return {name: FaceDataset(table.of_split(name), img_size, train=name == "train",
-                              face_crop_scale=face_crop_scale, cache=cache) for name in SPLITS}
+def build_datasets(table, img_size, train_transform, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
+    """{'train', 'val', 'test'} datasets of a split table; only train is augmented, by train_transform. cache:
+    a FaceCache of this table, or None to read the original photos."""
+    return {name: FaceDataset(table.of_split(name), img_size, train_transform if name == "train" else None,
+                              face_crop_scale, cache) for name in SPLITS}
 
 
 def default_loader_settings(num_workers=None):
@@ -765,9 +804,8 @@ def _build_shards(table, folder, shards, params, workers, process_index, log):
                                          prefetch_factor=16 if workers else None)
     sizes = [min(FACE_CACHE_SHARD_SIZE, len(table) - k * FACE_CACHE_SHARD_SIZE) for k in shards]
     start, encoded, errors, shard_index = time.time(), [], {}, 0
-    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules  # no bar frames in log files
-    progress = tqdm(loader, total=len(rows), desc="face cache", unit="img", mininterval=2,
-                    disable=len(rows) == 0 or process_index != 0 or not interactive)
+    progress = progress_bar(loader, total=len(rows), desc="face cache", unit="img", mininterval=2,
+                            disable=len(rows) == 0 or process_index != 0)
     for row, data, kind, error in progress:
         if kind == "storage":
             raise UserError(error)
@@ -945,6 +983,84 @@ def format_metrics(metrics):
             f"worst-attack APCER {metrics['worst_apcer']:.4f}")
 
 
+@torch.no_grad()
+def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predicting", log_warning=print):
+    """P(spoof), P(live) for every image of loader, each counted once across processes (a model that returns a
+    tuple, as the stage 2 student does, gives its logits first). Returns (probs [N, 2], dataset indices [N],
+    decoded-ok mask [N]) on every process."""
+    model.eval()
+
+    def probabilities(images):
+        outputs = model(images)
+        return (outputs[0] if isinstance(outputs, tuple) else outputs).float().softmax(-1)
+
+    probs, indices, oks = [], [], []
+    for batch in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        check_batch(batch, log_warning)
+        images = to_model_input(batch["image"], mean, std)
+        batch_probs = probabilities(images)
+        if tta:
+            batch_probs = (batch_probs + probabilities(images.flip(-1))) / 2
+        # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
+        batch_probs, batch_indices, batch_ok = accelerator.gather_for_metrics(
+            (batch_probs, batch["index"], batch["ok"].to(torch.uint8)))
+        probs.append(batch_probs.cpu())
+        indices.append(batch_indices.cpu())
+        oks.append(batch_ok.cpu())
+    return torch.cat(probs).numpy(), torch.cat(indices).numpy(), torch.cat(oks).numpy().astype(bool)
+
+
+def evaluate(model, loader, split_table, accelerator, mean, std, threshold=None, tta=False, desc="val",
+             log_warning=print):
+    """Loss and metrics of one split, at the EER point of these scores unless a threshold is given. Returns
+    (metrics, (paths, labels, attack types, scores) of its decodable images in dataset order)."""
+    probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
+    order = np.argsort(indices[ok], kind="stable")
+    probs, indices = probs[ok][order], indices[ok][order]
+    labels, attack_types = split_table.label[indices], np.array(split_table.attack_types())[indices]
+    metrics = compute_metrics(probs[:, 1], labels, attack_types, threshold)
+    metrics.update(loss=float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
+                   unreadable=int((~ok).sum()))
+    return metrics, (np.array(split_table.paths())[indices], labels, attack_types, probs[:, 1])
+
+
+def write_predictions(path, paths, labels, attack_types, scores):
+    """path,label,attack_type,score; scores exactly as computed, so that the metrics recomputed from the file
+    at the reported threshold are the reported ones."""
+    tmp = aside(path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "attack_type", "score"])
+        writer.writerows(zip(paths, labels.tolist(), attack_types, map(format_score, scores)))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def compute_budget(net, model_name, img_size):
+    """Parameters and multiply-accumulates (MACs) of one image's forward pass, counted by torch's FLOP counter
+    (convolutions, matmuls and attention, as timm's published GMACs), against the challenge's limit."""
+    training = net.training
+    net.eval()
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, img_size, img_size, device=next(net.parameters()).device))
+    net.train(training)
+    gflops = counter.get_total_flops() / 1e9  # the counter counts a multiply-accumulate as 2 FLOPs
+    gmacs, limit = gflops / 2, CHALLENGE_GFLOPS_LIMIT
+    # "FLOPs" in papers and model cards are often MACs: say what holds under each reading
+    if gflops <= limit:
+        within, verdict = "yes", f"within the challenge's single-model limit of {limit:g} GFLOPs"
+    elif gmacs <= limit:
+        within, verdict = "as MACs only", (f"within the challenge's {limit:g} GFLOPs limit only if FLOPs are read "
+                                           "as multiply-accumulates (as timm's tables do), over it at 2 FLOPs each")
+    else:
+        within, verdict = "no", f"over the challenge's single-model limit of {limit:g} GFLOPs however FLOPs are counted"
+    return {"model_name": model_name, "img_size": img_size,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "gmacs": gmacs, "gflops": gflops,
+            "within_challenge_limit": within,
+            "challenge_limit": f"{model_name} at {img_size}x{img_size}: {gmacs:.3g} GMACs = {gflops:.3g} GFLOPs, "
+                               f"{verdict}."}
+
+
 def aside(path):
     """A temporary name next to path, unique to this process, so that writers on several nodes of a shared
     file system never write into each other's file before the rename."""
@@ -965,7 +1081,7 @@ def format_score(score):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reports: the per-epoch summary.csv, plots and EXP/report.md
+# summary.csv: one row per epoch (plots and report.md: tools/report.py)
 # ----------------------------------------------------------------------------------------------------------
 
 def write_summary_row(path, row):
@@ -985,198 +1101,6 @@ def write_summary_row(path, row):
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
-
-
-def read_predictions_csv(path):
-    """(labels, attack types, scores) of a stageN_{val,test}_predictions.csv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return (np.array([int(r["label"]) for r in rows]), np.array([r["attack_type"] for r in rows]),
-            np.array([float(r["score"]) for r in rows]))
-
-
-def error_rate_curve(scores, labels):
-    """APCER and BPCER at every threshold between the scores, from accepting all to rejecting all."""
-    scores, labels = check_scores(scores), np.asarray(labels)
-    live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
-    thresholds = np.concatenate([[-np.inf], np.unique(scores), [np.inf]])
-    apcer = 1 - np.searchsorted(spoof, thresholds, side="left") / max(len(spoof), 1)
-    bpcer = np.searchsorted(live, thresholds, side="left") / max(len(live), 1)
-    return apcer, bpcer
-
-
-def make_plots(plot_dir, stage, summary_csv, val, test, threshold, test_metrics, teacher_test=None, log=print):
-    """The PNGs of a stage: training curves, ROC and DET on val and test with the val operating point, test
-    score histograms, APCER per attack type and, for stage 2, teacher vs student. val, test, teacher_test:
-    (labels, attack types, scores). Never fails the run: a missing matplotlib or a failing plot is one warning."""
-    try:  # Figure without pyplot: no backend to choose, nothing global changed (a notebook keeps its own)
-        from matplotlib.figure import Figure
-        from statistics import NormalDist
-    except ImportError:
-        log(f"warning: no plots for {stage}: matplotlib is not installed (pip install matplotlib)")
-        return []
-    plot_dir = Path(plot_dir)
-    written = []
-
-    def save(fig, name):
-        path = plot_dir / f"{stage}_{name}.png"
-        fig.tight_layout()
-        tmp = aside(path).with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-        written.append(path)
-
-    try:
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        with open(summary_csv, newline="") as f:
-            summary = list(csv.DictReader(f))
-        epochs = [int(r["epoch"]) for r in summary]
-        fig = Figure(figsize=(13, 3.6))
-        axes = fig.subplots(1, 3)
-        for key in [k for k in summary[0] if k.startswith("train_") and k != "train_images_per_second"] + ["val_loss"]:
-            if key in summary[0] and summary[0][key] != "":
-                axes[0].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key)
-        axes[0].set(title="loss", xlabel="epoch")
-        axes[0].legend(fontsize=8)
-        for key in ("val_acer", "val_auc"):
-            axes[1].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key.replace("val_", "val "))
-        axes[1].set(title="validation", xlabel="epoch", ylim=(0, 1))
-        axes[1].legend(fontsize=8)
-        axes[2].plot(epochs, [float(r["lr"]) for r in summary], marker="o")
-        axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
-        save(fig, "training_curves")
-
-        fig = Figure(figsize=(10, 4.2))
-        roc, det = fig.subplots(1, 2)
-        deviate = NormalDist().inv_cdf
-        ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
-        for name, (labels, _, scores) in (("val", val), ("test", test)):
-            apcer, bpcer = error_rate_curve(scores, labels)
-            roc.plot(apcer, 1 - bpcer, label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
-            keep = (apcer > 0) & (apcer < 1) & (bpcer > 0) & (bpcer < 1)
-            det.plot([deviate(a) for a in apcer[keep]], [deviate(b) for b in bpcer[keep]], label=name)
-            point = compute_metrics(scores, labels, np.full(len(labels), "x"), threshold)
-            roc.plot(point["apcer"], 1 - point["bpcer"], "o", color=roc.lines[-1].get_color())
-            if 0 < point["apcer"] < 1 and 0 < point["bpcer"] < 1:
-                det.plot(deviate(point["apcer"]), deviate(point["bpcer"]), "o", color=det.lines[-1].get_color())
-        roc.set(title=f"ROC (dots: the val threshold {threshold:.3f})", xlabel="APCER (spoof accepted)",
-                ylabel="1 - BPCER (live accepted)")
-        det.set(title="DET (normal deviate axes)", xlabel="APCER", ylabel="BPCER")
-        det.set(xlim=(deviate(0.0005), deviate(0.6)), ylim=(deviate(0.0005), deviate(0.6)))
-        det.set_xticks([deviate(t) for t in ticks], [f"{t:g}" for t in ticks])
-        det.set_yticks([deviate(t) for t in ticks], [f"{t:g}" for t in ticks])
-        roc.legend(fontsize=8)
-        det.legend(fontsize=8)
-        save(fig, "roc_det")
-
-        labels, _, scores = test
-        fig = Figure(figsize=(6, 3.6))
-        axis = fig.subplots()
-        bins = np.linspace(0, 1, 41)
-        axis.hist(scores[labels == LIVE], bins, alpha=0.6, label="live")
-        axis.hist(scores[labels == SPOOF], bins, alpha=0.6, label="spoof")
-        axis.axvline(threshold, color="k", linestyle="--", label=f"val threshold {threshold:.3f}")
-        axis.set(title="test scores P(live)", xlabel="score", ylabel="images")
-        axis.legend(fontsize=8)
-        save(fig, "score_histograms")
-
-        per_attack = test_metrics["apcer_per_attack"]
-        fig = Figure(figsize=(7, 0.35 * len(per_attack) + 1.5))
-        axis = fig.subplots()
-        axis.barh(list(per_attack), list(per_attack.values()))
-        axis.set(title="test APCER per attack type at the val threshold", xlabel="APCER", xlim=(0, 1))
-        save(fig, "apcer_per_attack")
-
-        if teacher_test is not None:
-            fig = Figure(figsize=(10, 4))
-            roc, bars = fig.subplots(1, 2)
-            for name, (labels, types, scores) in (("teacher (stage 1)", teacher_test), ("student (stage 2)", test)):
-                apcer, bpcer = error_rate_curve(scores, labels)
-                roc.plot(apcer, 1 - bpcer, label=f"{name}, AUC {roc_auc(scores, labels):.3f}")
-            roc.set(title="test ROC", xlabel="APCER", ylabel="1 - BPCER")
-            roc.legend(fontsize=8)
-            teacher_metrics = compute_metrics(teacher_test[2], teacher_test[0], teacher_test[1], threshold=None)
-            names = ["acer", "apcer", "bpcer", "eer"]
-            x = np.arange(len(names))
-            bars.bar(x - 0.2, [teacher_metrics[n] for n in names], 0.4, label="teacher (its own EER point)")
-            bars.bar(x + 0.2, [test_metrics[n] for n in names], 0.4, label="student (val threshold)")
-            bars.set_xticks(x, [n.upper() for n in names])
-            bars.set(title="test error rates")
-            bars.legend(fontsize=8)
-            save(fig, "teacher_vs_student")
-    except Exception as error:  # plots are a convenience: never the reason a multi-day run fails
-        log(f"warning: plotting {stage} stopped ({type(error).__name__}: {error}); the results are unaffected")
-    return written
-
-
-def write_report(output_dir):
-    """EXP/report.md: the key metrics of both stages, their plots, the configuration and the data, at a glance.
-    Built from the files in EXP, so either stage can (re)write it."""
-    output_dir = Path(output_dir)
-
-    def load(name):
-        path = output_dir / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    stage1, final = load("stage1_results.json"), load("final_results.json")
-    lines = [f"# WFAS experiment report: {output_dir.name}", ""]
-    rows = []
-    if stage1:
-        t = stage1["test"]
-        rows.append(("teacher (stage 1)", t["acc"], t["apcer"], t["bpcer"], t["acer"], t["auc"], t["eer"],
-                     stage1["threshold"]))
-    if final:
-        rows.append(("student (stage 2)", final["test_acc"], final["test_apcer"], final["test_bpcer"],
-                     final["test_acer"], final["test_auc"], final["test_eer"], final["threshold"]))
-    lines += ["## Test metrics (at the val EER threshold)", "",
-              "| model | ACC | APCER | BPCER | ACER | AUC | EER | threshold |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | " + " | ".join(f"{v:.4f}" for v in r[1:]) + " |" for r in rows]
-    if final:
-        lines += ["", f"Student: test ACER {final['test_acer']:.4f}, ACC {final['test_acc']:.4f}, worst-attack APCER "
-                      f"{final['test_worst_apcer']:.4f}, on {final['num_test_images']} test images; best epoch "
-                      f"{final['best_epoch']}."]
-    if final and final.get("operating_points"):
-        lines += ["", "## Operating points of the student", "",
-                  "Thresholds fitted on val for the error a deployment can afford; test is scored at each. "
-                  "`resolved: no` means val has too few images of that class to tell the target from 0.", "",
-                  "| target | threshold | val APCER | val BPCER | test APCER | test BPCER | resolved |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['target']} | {p['threshold']:.6f} | {p['val_apcer']:.4f} | {p['val_bpcer']:.4f} | "
-                  f"{p['test_apcer']:.4f} | {p['test_bpcer']:.4f} | {'yes' if p['resolved'] else 'no'} |"
-                  for p in final["operating_points"]]
-    compute = [(name, results["compute"]) for name, results in (("teacher (stage 1)", stage1),
-                                                                  ("student (stage 2)", final))
-               if results and results.get("compute")]
-    if compute:
-        lines += ["", "## Compute budget", "", "| model | network | input | params (M) | GMACs | GFLOPs |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {c['model_name']} | {c['img_size']} | {c['params_m']:.2f} | {c['gmacs']:.3f} | "
-                  f"{c['gflops']:.3f} |" for name, c in compute]
-        lines += ["", "GFLOPs = 2 x GMACs. " + " ".join(c["challenge_limit"] for _, c in compute)]
-    plots = sorted((output_dir / "plots").glob("*.png")) if (output_dir / "plots").is_dir() else []
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    csv_path = output_dir / "split.csv"
-    if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            split_rows = list(csv.DictReader(f))
-        lines += ["", "## Data", "", "| split | images | live | spoof | subjects | attack types |",
-                  "|---|---|---|---|---|---|"]
-        for name in SPLITS:
-            part = [r for r in split_rows if r["split"] == name]
-            lines.append(f"| {name} | {len(part)} | {sum(r['label'] == str(LIVE) for r in part)} | "
-                         f"{sum(r['label'] == str(SPOOF) for r in part)} | "
-                         f"{len({(r['attack_type'], r['subject']) for r in part})} | "
-                         f"{len({r['attack_type'] for r in part if r['label'] == str(SPOOF)})} |")
-    for stage in ("stage1", "stage2"):
-        config = load(f"{stage}_config.json")
-        if config:
-            lines += ["", f"## Configuration of {stage}", "", "```json", json.dumps(config, indent=1), "```"]
-    path = output_dir / "report.md"
-    tmp = aside(path)
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1218,7 +1142,7 @@ def check_dataset(data_root, verify_images=False, workers=16):
     }
     if verify_images:
         with ThreadPoolExecutor(workers) as pool:
-            decodable = list(tqdm(pool.map(_can_decode, image_files, chunksize=64), total=len(image_files),
+            decodable = list(progress_bar(pool.map(_can_decode, image_files, chunksize=64), total=len(image_files),
                                   desc="decoding images"))
         summary["unreadable"] = [p for p, ok in zip(table.paths(), decodable) if not ok]
     return summary
@@ -1244,148 +1168,12 @@ def print_summary(summary):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# make_demo: a generated dataset in the WFAS layout
-# ----------------------------------------------------------------------------------------------------------
-
-DEMO_ATTACK_TYPES = ("2D-Display-Pad", "2D-Display-Phone", "2D-Print-Album", "2D-Print-Newspaper",
-                     "2D-Print-Photo", "2D-Print-Poster", "3D-AdultDoll", "3D-GarageKit", "3D-Mask")
-DEMO_SIZE = 128
-
-
-def _demo_face(rng, identity, size=DEMO_SIZE):
-    """A live-looking face: shaded skin ellipse with eyes and mouth on a textured background, sensor noise.
-    Returns the float image (H, W, 3) and the 7 RetinaFace-style points."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    background = identity["background"] + 25 * np.sin(x[..., None] / rng.uniform(8, 30) + rng.uniform(0, 6))
-    half_w = identity["face_w"] * rng.uniform(0.92, 1.08)
-    half_h = half_w * 1.3
-    cx = size / 2 + rng.uniform(-12, 12)
-    cy = size / 2 + rng.uniform(-10, 10)
-    u, v = (x - cx) / half_w, (y - cy) / half_h
-    inside = u ** 2 + v ** 2 <= 1
-    light = rng.uniform(-0.6, 0.6)  # direction of the light across the face
-    shading = np.clip(0.75 + 0.35 * np.sqrt(np.clip(1 - u ** 2 - v ** 2, 0, 1)) + 0.15 * light * u, 0.3, 1.3)
-    image = np.where(inside[..., None], identity["skin"] * shading[..., None], background)
-    eyes = [(cx - 0.4 * half_w, cy - 0.25 * half_h), (cx + 0.4 * half_w, cy - 0.25 * half_h)]
-    for ex, ey in eyes:
-        image[((x - ex) / (0.16 * half_w)) ** 2 + ((y - ey) / (0.08 * half_h)) ** 2 <= 1] = identity["eye"]
-    nose = (cx, cy + 0.1 * half_h)
-    mouth = [(cx - 0.3 * half_w, cy + 0.5 * half_h), (cx + 0.3 * half_w, cy + 0.5 * half_h)]
-    image[(np.abs(y - mouth[0][1]) < 0.04 * half_h + 1) & (np.abs(x - cx) < 0.3 * half_w)] = identity["lips"]
-    image = image + rng.normal(0, rng.uniform(3, 7), image.shape)  # sensor noise: fine natural texture
-    box = [(cx - half_w, cy - half_h), (cx + half_w, cy + half_h)]
-    return image, np.array(box + eyes + [nose] + mouth), inside
-
-
-def _demo_identity(rng):
-    return {"background": rng.uniform(30, 220, 3), "face_w": rng.uniform(20, 28),
-            "skin": rng.uniform([150, 100, 70], [240, 190, 160]), "eye": rng.uniform(10, 70, 3),
-            "lips": rng.uniform([120, 30, 30], [200, 90, 90])}
-
-
-def _demo_attack(rng, attack_type, image, inside):
-    """Apply an attack's cue at a random strength: weak cues keep the demo from being trivially separable."""
-    size = image.shape[0]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    strength = rng.uniform(0.3, 1.0)
-    if attack_type.startswith("2D-Print"):
-        period = rng.uniform(4.0, 7.0)
-        dots = np.cos(2 * np.pi * x / period) * np.cos(2 * np.pi * y / period)  # halftone screen
-        image = image * (1 - 0.2 * strength * (1 + dots[..., None]))
-        gray = image.mean(axis=2, keepdims=True)
-        image = gray + (1 - (0.7 if "Newspaper" in attack_type else 0.4) * strength) * (image - gray)
-        edge = int(rng.integers(4, 14))  # the paper's edge, where the photo ends
-        side = rng.integers(4)
-        paper = np.full(3, rng.uniform(200, 250))
-        if side == 0:
-            image[:, :edge] = paper
-        elif side == 1:
-            image[:, -edge:] = paper
-        elif side == 2:
-            image[:edge] = paper
-        else:
-            image[-edge:] = paper
-    elif attack_type.startswith("2D-Display"):
-        angle = rng.uniform(0, np.pi)
-        period = rng.uniform(5.0, 10.0)
-        moire = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
-        image = image * (1 + 0.2 * strength * moire[..., None])
-        image = image + strength * np.array([-15.0, 0.0, 25.0])  # a display's blue cast
-        bezel = int(rng.integers(2, 8))
-        image[:bezel], image[-bezel:], image[:, :bezel], image[:, -bezel:] = 15, 15, 15, 15
-    else:  # 3D masks and dolls: flat, smooth shading, no skin texture, a specular highlight
-        smooth = image.copy()
-        for axis in (0, 1, 0, 1):
-            smooth = (np.roll(smooth, 1, axis) + smooth + np.roll(smooth, -1, axis)) / 3
-        levels = 24 - 12 * strength
-        flat = np.round(smooth / levels) * levels
-        blend = 0.5 + 0.5 * strength
-        image = np.where(inside[..., None], blend * flat + (1 - blend) * image, image)
-        cy, cx = np.argwhere(inside).mean(axis=0)
-        highlight = np.exp(-((x - cx + 6) ** 2 + (y - cy + 8) ** 2) / 30)
-        image = image + 80 * strength * highlight[..., None] * inside[..., None]
-    return image
-
-
-def _save_demo_image(image, points, path, rng):
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=95)
-    jitter = points + rng.normal(0, 1.0, points.shape)  # detector noise
-    path.with_suffix(".txt").write_text("".join(f"{px:.2f} {py:.2f}\n" for px, py in jitter))
-
-
-def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof=1, unlabelled=24):
-    """Write a small generated dataset in the WFAS release layout. Returns its root."""
-    rng = np.random.default_rng(seed)
-    root = Path(out_dir)
-    train = root / "Train"
-    count = 0
-    for s in range(subjects):
-        identity = _demo_identity(rng)
-        folder = train / "living" / f"{s:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(images_per_live):
-            image, points, _ = _demo_face(rng, identity)
-            _save_demo_image(image, points, folder / f"{i:03d}.jpg", rng)
-            count += 1
-    spoof_subjects = max(3, subjects // 2)
-    for attack_type in DEMO_ATTACK_TYPES:
-        for s in range(spoof_subjects):  # subject names repeat across attack types, as in WFAS
-            identity = _demo_identity(rng)
-            folder = train / "spoof" / attack_type / f"{s:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(images_per_spoof):
-                image, points, inside = _demo_face(rng, identity)
-                _save_demo_image(_demo_attack(rng, attack_type, image, inside), points, folder / f"{i:03d}.jpg", rng)
-                count += 1
-    # WFAS quirks a real release has: a face the detector missed, stray files that are not images
-    (train / "living" / "00000" / "000.txt").unlink()
-    (train / "living" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (train / "spoof" / "notes.md").write_text("collected 2022\n")
-    for name in ("Dev", "Test"):
-        data = root / name / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        names = []
-        for i in range(unlabelled):
-            image, points, inside = _demo_face(rng, _demo_identity(rng))
-            if i % 2:
-                image = _demo_attack(rng, DEMO_ATTACK_TYPES[i % len(DEMO_ATTACK_TYPES)], image, inside)
-            names.append(f"{i:06d}.jpg")
-            _save_demo_image(image, points, data / names[-1], rng)
-        (root / name / f"{name}.txt").write_text("".join(n + "\n" for n in names))
-    return root, count
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("make_demo", help="write a generated dataset in the WFAS layout")
-    demo.add_argument("out_dir", help="folder to write (it gets Train/, Dev/ and Test/)")
-    demo.add_argument("--subjects", type=int, default=150, help="live subjects; each attack type gets half as many")
-    demo.add_argument("--seed", type=int, default=0)
     check = commands.add_parser("check", help="summarise a dataset before a long run")
     check.add_argument("--data_root", required=True, help="WFAS folder (holding Train/), Train/ itself, or a "
                                                           "labelled list file")
@@ -1408,12 +1196,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "make_demo":
-        if args.subjects < 3:
-            raise UserError(f"--subjects {args.subjects}: need at least 3 so that train, val and test get one each")
-        root, count = make_demo(args.out_dir, subjects=args.subjects, seed=args.seed)
-        print(f"Wrote a generated demo dataset (not real faces) with {count} training images to {root}")
-    elif args.command == "cache":
+    if args.command == "cache":
         table = load_or_create_split(args.data_root, args.output_dir, args.val_fraction, args.test_fraction,
                                      args.seed)
         start = time.time()

@@ -63,7 +63,8 @@ def main():
                                     table.split))
     print(f"indexed {len(table)} images ({2 * len(table)} files) in {index_seconds:.2f} s; "
           f"peak Python allocations while indexing {index_peak / 2**20:.0f} MiB")
-    print(f"split in {split_seconds:.2f} s, wrote split.csv in {csv_seconds:.2f} s, read it back in {read_seconds:.2f} s")
+    print(f"split in {split_seconds:.2f} s, wrote split.csv in {csv_seconds:.2f} s, "
+          f"read it back in {read_seconds:.2f} s")
     print(f"index arrays {arrays / 2**20:.1f} MiB; process peak RSS {rss_before:.0f} MiB after imports, "
           f"{rss_after:.0f} MiB after all of the above")
 

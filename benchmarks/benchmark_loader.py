@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_stage1  # noqa: E402  (its train_transform)
 import wfas_data  # noqa: E402
 
 SIZES = (("640x480", 160), ("1280x720", 200), ("1920x1080", 300))  # photo, face box side
@@ -117,6 +118,7 @@ def main():
             plain_rate = rate(lambda batch: torch.stack([plain(p) for p in batch]), paths)
 
             table = wfas_data.unlabelled_table(folder, [p.name for p in paths])
+            augment = train_stage1.train_transform(args.img_size)
 
             def project(dataset):
                 def load_batch(batch_paths):
@@ -124,11 +126,11 @@ def main():
                     return torch.stack([dataset[i]["image"] for i in range(first, first + len(batch_paths))])
                 return load_batch
 
-            direct_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, train=True)), paths)
+            direct_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, augment)), paths)
             start = time.perf_counter()
             cache = wfas_data.build_face_cache(table, folder / "cache", args.img_size, workers=0, log=lambda _: None)
             build_rate = len(paths) / (time.perf_counter() - start)
-            cache_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, train=True, cache=cache)), paths)
+            cache_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, augment, cache=cache)), paths)
             print(f"{size:>10} {face:>5} | {plain_rate:7.0f} {direct_rate:9.0f} {cache_rate:7.0f} | "
                   f"{cache_rate / plain_rate:10.1f}x | {build_rate:11.0f} {cache.num_bytes / len(cache) / 1024:9.1f}")
     batch = torch.randint(0, 256, (32, 3, args.img_size, args.img_size), dtype=torch.uint8)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
-import wfas_data  # noqa: E402
+from tools import make_demo, predict  # noqa: E402
 
 TINY_STAGE1 = ["--model_name", "convnext_atto", "--no-pretrained", "--img_size", "64", "--num_epochs", "1",
                "--batch_size", "8", "--num_workers", "0", "--learning_rate", "1e-3"]
@@ -49,7 +49,7 @@ def launch_two_processes(script, args):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "WFAS"
-    wfas_data.make_demo(root, subjects=12, seed=1, unlabelled=6)
+    make_demo.make_demo(root, subjects=12, seed=1, unlabelled=6)
     return root
 
 
@@ -62,9 +62,10 @@ def stage1_run(demo_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stage2_run(stage1_run, demo_root, tmp_path_factory):
-    """A copy of the stage 1 experiment, then stage 2 on it with the Dev/Test lists."""
+    """A copy of the stage 1 experiment, then stage 2 on it, then its submission from the Dev/Test lists."""
     exp = tmp_path_factory.mktemp("exp2") / "EXP"
     shutil.copytree(stage1_run[0], exp)
-    results = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2, "--predict_lists",
-                                 str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")])
+    results = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2])
+    results.update(predict.main(["--output_dir", str(exp), "--num_workers", "0", "--predict_lists",
+                                 str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")]))
     return exp, results

@@ -11,12 +11,10 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from accelerate import Accelerator
-
 from conftest import launch_two_processes, run_script
-import train_stage1
 import train_stage2
 import wfas_data
+from tools import common, export_onnx, predict
 from wfas_data import UserError
 
 
@@ -35,7 +33,7 @@ def checkpoint_of(exp, stage):
 
 def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, tmp_path):
     exp = copy_experiment(stage2_run[0], tmp_path / "EXP")
-    results = train_stage2.main(["--export_onnx", "--output_dir", str(exp)])
+    results = export_onnx.main(["--output_dir", str(exp)])
     onnx_path = exp / "stage2_best.onnx"
     assert results["onnx_path"] == str(onnx_path) and onnx_path.is_file()
     assert not list(exp.glob("*.tmp"))
@@ -47,7 +45,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
     # metadata round trip: what a deployer reads back is what the checkpoint recorded
     model = onnx.load(onnx_path)
     props = {p.key: p.value for p in model.metadata_props}
-    _, metadata, _ = train_stage2.load_checkpoint(None, exp)
+    _, metadata, _ = common.load_checkpoint(None, exp)
     assert props["model_name"] == metadata["model_name"] == "maxvit_rmlp_pico_rw_256"
     assert int(props["img_size"]) == metadata["img_size"] == 64
     assert float(props["face_crop_scale"]) == metadata["face_crop_scale"]
@@ -67,7 +65,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3, 64, 64]
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    net, _, _ = train_stage2.load_checkpoint(None, exp)
+    net, _, _ = common.load_checkpoint(None, exp)
     for batch in (1, 5):
         crops = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8)
         with torch.no_grad():
@@ -78,7 +76,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
 
 def test_teacher_exports_from_the_command_line(stage1_run, tmp_path):
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
-    result = run_script([sys.executable, "train_stage1.py", "--export_onnx", "--output_dir", str(exp)])
+    result = run_script([sys.executable, "tools/export_onnx.py", "--stage", "1", "--output_dir", str(exp)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (exp / "stage1_best.onnx").is_file()
     log = result.stdout + result.stderr
@@ -90,31 +88,30 @@ def test_teacher_exports_from_the_command_line(stage1_run, tmp_path):
 
 
 def test_export_without_the_data_checks_on_generated_crops(stage1_run, tmp_path):
-    results = train_stage1.main(["--export_onnx", "--output_dir", str(tmp_path / "elsewhere"),
-                                 "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
+    results = export_onnx.main(["--output_dir", str(tmp_path / "elsewhere"),
+                                "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
     assert results["parity_source"].startswith("64 generated crops") and results["max_abs_diff"] <= 1e-4
     assert (tmp_path / "elsewhere" / "stage1_best.onnx").is_file()
 
 
 def test_an_export_that_fails_parity_is_not_written(stage1_run, tmp_path):
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
-    args = train_stage1.parse_args(["--export_onnx", "--output_dir", str(exp)])
+    args = export_onnx.parse_args(["--output_dir", str(exp), "--stage", "1"])
     args.onnx_tolerance = -1.0  # no difference passes
     with pytest.raises(UserError, match="away from PyTorch .* was not written"):
-        train_stage1.export_onnx(args, Accelerator(cpu=True))
+        export_onnx.export_onnx(args)
     assert not list(exp.glob("*.onnx")) and not list(exp.glob("*.tmp"))
 
 
 def test_export_without_onnx_installed_says_what_to_install(stage1_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if it were not installed
     with pytest.raises(UserError, match="pip install onnx onnxscript onnxruntime"):
-        train_stage1.main(["--export_onnx", "--output_dir", str(tmp_path),
-                           "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
+        export_onnx.main(["--output_dir", str(tmp_path), "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
 
 
 def test_export_of_a_file_that_is_not_our_checkpoint_is_one_line(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"not a safetensors file")
-    result = run_script([sys.executable, "train_stage2.py", "--export_onnx", "--output_dir", str(tmp_path),
+    result = run_script([sys.executable, "tools/export_onnx.py", "--output_dir", str(tmp_path),
                          "--checkpoint", str(tmp_path / "weights.safetensors")])
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
 
@@ -147,8 +144,8 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
     exp, _ = stage2_run
     folder, names = photo_folder
     out = tmp_path / "OUT"
-    results = train_stage2.main(["--predict_only", "--predict_folder", str(folder), "--output_dir", str(out),
-                                 "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"])
+    results = predict.main(["--predict_folder", str(folder), "--output_dir", str(out),
+                            "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"])
     csv_path = out / "predictions_my photos.csv"
     assert results["folder_predictions"] == str(csv_path)
     rows = read_rows(csv_path)
@@ -156,19 +153,19 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
     by_path = {r["path"]: r for r in rows}
     assert by_path["broken.jpg"]["score"] == "" and by_path["broken.jpg"]["decision"] == "undecodable"
 
-    _, metadata, _ = train_stage2.load_checkpoint(None, exp)
+    _, metadata, _ = common.load_checkpoint(None, exp)
     threshold = metadata["val_metrics"]["threshold"]
     for row in rows:
         if row["decision"] != "undecodable":
             assert row["decision"] == ("live" if float(row["score"]) >= threshold else "spoof")
 
     # an image with a bbox file is scored on its face crop, one without on the whole photo
-    net, _, _ = train_stage2.load_checkpoint(None, exp)
+    net, _, _ = common.load_checkpoint(None, exp)
     config = timm.data.resolve_data_config({}, model=net)
 
     def score(path, box):
         face = wfas_data.load_face(path, box, metadata["face_crop_scale"], min_side=64)
-        crop = wfas_data.build_transform(64, train=False)(torch.from_numpy(np.array(face)).permute(2, 0, 1))
+        crop = wfas_data.eval_transform(64)(torch.from_numpy(np.array(face)).permute(2, 0, 1))
         with torch.no_grad():
             return net(wfas_data.to_model_input(crop[None], config["mean"], config["std"])).softmax(-1)[0, 1].item()
 
@@ -181,10 +178,10 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
 def test_folder_threshold_option_and_warning_count(stage2_run, photo_folder, tmp_path):
     exp, _ = stage2_run
     folder, _ = photo_folder
-    common = [sys.executable, "train_stage2.py", "--predict_only", "--predict_folder", str(folder), "--output_dir",
-              str(tmp_path), "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"]
+    command = [sys.executable, "tools/predict.py", "--predict_folder", str(folder), "--output_dir",
+               str(tmp_path), "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"]
     for threshold, decision in (("0", "live"), ("1", "spoof")):
-        result = run_script([*common, "--threshold", threshold])
+        result = run_script([*command, "--threshold", threshold])
         assert result.returncode == 0, result.stderr[-3000:]
         log = result.stdout + result.stderr
         assert "1 of the 6 images" in log and "could not be decoded" in log
@@ -196,10 +193,10 @@ def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_
     """Each image once (no sampler padding), the same scores, one CSV; an export refuses several processes."""
     exp, _ = stage2_run
     folder, _ = photo_folder
-    args = ["--predict_only", "--predict_folder", str(folder), "--checkpoint", str(checkpoint_of(exp, "stage2")),
+    args = ["--predict_folder", str(folder), "--checkpoint", str(checkpoint_of(exp, "stage2")),
             "--num_workers", "0", "--batch_size", "4"]
-    one = run_script([sys.executable, "train_stage2.py", *args, "--output_dir", str(tmp_path / "one")])
-    two = launch_two_processes("train_stage2.py", [*args, "--output_dir", str(tmp_path / "two")])
+    one = run_script([sys.executable, "tools/predict.py", *args, "--output_dir", str(tmp_path / "one")])
+    two = launch_two_processes("tools/predict.py", [*args, "--output_dir", str(tmp_path / "two")])
     assert one.returncode == 0 and two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     rows_one = read_rows(tmp_path / "one" / "predictions_my photos.csv")
     rows_two = read_rows(tmp_path / "two" / "predictions_my photos.csv")
@@ -208,10 +205,10 @@ def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_
     assert np.allclose([float(r["score"] or "nan") for r in rows_two], [float(r["score"] or "nan") for r in rows_one],
                        atol=1e-6, equal_nan=True)
 
-    refused = launch_two_processes("train_stage2.py", ["--export_onnx", "--output_dir", str(tmp_path / "three"),
-                                                       "--checkpoint", str(checkpoint_of(exp, "stage2"))])
+    refused = launch_two_processes("tools/export_onnx.py", ["--output_dir", str(tmp_path / "three"),
+                                                            "--checkpoint", str(checkpoint_of(exp, "stage2"))])
     # each process says it in one line (the launcher then reports its failed child in its own way)
-    assert refused.returncode != 0 and refused.stderr.count("error: --export_onnx runs in one process") == 2
+    assert refused.returncode != 0 and refused.stderr.count("error: the ONNX export runs in one process") == 2
     assert not list((tmp_path / "three").glob("*.onnx"))
 
 
@@ -226,7 +223,7 @@ def test_folder_without_images_is_one_clear_line(stage2_run, tmp_path, contents,
         folder.mkdir()
         for name, text in contents.items():
             (folder / name).write_text(text)
-    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--predict_folder", str(folder),
+    result = run_script([sys.executable, "tools/predict.py", "--predict_folder", str(folder),
                          "--output_dir", str(tmp_path), "--checkpoint", str(checkpoint_of(stage2_run[0], "stage2"))])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("predictions_*.csv"))
@@ -234,19 +231,19 @@ def test_folder_without_images_is_one_clear_line(stage2_run, tmp_path, contents,
 
 def test_threshold_outside_zero_one_is_refused():
     with pytest.raises(UserError, match="not a probability"):
-        train_stage2.parse_args(["--predict_only", "--predict_folder", ".", "--threshold", "50"])
+        predict.parse_args(["--predict_folder", ".", "--threshold", "50"])
     with pytest.raises(UserError, match="--predict_folder DIR"):
-        train_stage2.parse_args(["--predict_only"])
+        predict.parse_args([])
 
 
 def test_training_run_scores_a_folder_at_its_final_threshold(stage1_run, demo_root, photo_folder, tmp_path):
-    """--predict_folder after training uses the threshold reported in final_results.json."""
+    """Scoring with EXP's own best checkpoint uses the final threshold reported in final_results.json."""
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
     folder, _ = photo_folder
     results = train_stage2.main(["--output_dir", str(exp), "--model_name", "test_convnext", "--no-pretrained",
-                                 "--img_size", "32", "--num_epochs", "1", "--batch_size", "8", "--num_workers", "0",
-                                 "--predict_folder", str(folder)])
-    rows = [r for r in read_rows(results["folder_predictions"]) if r["score"]]
+                                 "--img_size", "32", "--num_epochs", "1", "--batch_size", "8", "--num_workers", "0"])
+    scored = predict.main(["--output_dir", str(exp), "--predict_folder", str(folder), "--num_workers", "0"])
+    rows = [r for r in read_rows(scored["folder_predictions"]) if r["score"]]
     assert len(rows) == 5
     assert all(r["decision"] == ("live" if float(r["score"]) >= results["threshold"] else "spoof") for r in rows)
 
@@ -317,12 +314,11 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
 ])
 def test_compute_budget_matches_timms_published_figures(model_name, params_m, gmacs, within):
     net = timm.create_model(model_name)  # the 1000-class head, as published
-    budget = train_stage2.compute_budget(net, model_name, 224)
+    budget = wfas_data.compute_budget(net, model_name, 224)
     assert budget["params_m"] == pytest.approx(params_m, rel=0.01)
     assert budget["gmacs"] == pytest.approx(gmacs, rel=0.03)
     assert budget["gflops"] == pytest.approx(2 * budget["gmacs"])
     assert budget["within_challenge_limit"] == within
-    assert train_stage1.compute_budget(net, model_name, 224) == budget
     assert net.training  # the count leaves the model as it found it
 
 
@@ -333,7 +329,7 @@ def test_both_stages_record_their_compute_budget(stage1_run, stage2_run):
         compute = json.loads((exp / results_file).read_text())["compute"]
         assert compute["model_name"] == model_name and compute["img_size"] == 64
         assert compute["within_challenge_limit"] == "yes" and 0 < compute["gflops"] < 1
-        _, metadata, _ = train_stage2.load_checkpoint(checkpoint_of(exp, stage), exp)
+        _, metadata, _ = common.load_checkpoint(checkpoint_of(exp, stage), exp)
         assert metadata["compute"] == compute
         log = max((exp / "logs" / stage).glob(f"{stage}_training_*.log")).read_text()
         assert f"Compute: {compute['params_m']:.2f} M parameters; {model_name} at 64x64" in log

@@ -89,7 +89,8 @@ def test_a_full_disk_is_one_clear_line_and_leaves_nothing_trusted(table, tmp_pat
         return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(wfas_data, "open", full_disk, raising=False)
-    with pytest.raises(UserError, match="cannot write the face cache in .*cache.*No space left on device.*--face_cache_dir"):
+    message = "cannot write the face cache in .*cache.*No space left on device.*--face_cache_dir"
+    with pytest.raises(UserError, match=message):
         build(table, tmp_path / "cache")
     folder = next((tmp_path / "cache").iterdir())
     assert sorted(p.name for p in folder.iterdir()) == ["params.json"]  # no shard record, no manifest

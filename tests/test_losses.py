@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import losses
 from losses import distillation_loss, focal_loss, stage2_loss
 
+WEIGHTS = {"focal": 1.0, "triplet": 0.5, "kd": 1.0}
+
 
 def test_focal_with_gamma_0_is_cross_entropy():
     logits, targets = torch.randn(16, 2), torch.randint(0, 2, (16,))
@@ -82,8 +84,7 @@ def test_kd_equals_kl_of_tempered_softmaxes_times_t_squared():
 def test_total_is_the_weighted_sum_of_its_parts():
     logits, embeddings = torch.randn(6, 2), torch.randn(6, 16)
     labels, teacher = torch.tensor([0, 1, 0, 1, 0, 1]), torch.rand(6, 2).softmax(-1)
-    total, parts = losses.stage2_loss(logits, embeddings, labels, teacher, focal_weight=1.0, triplet_weight=0.5,
-                                      kd_weight=2.0)
+    total, parts = losses.stage2_loss(logits, embeddings, labels, teacher, {"focal": 1.0, "triplet": 0.5, "kd": 2.0})
     assert set(parts) == {"focal", "triplet", "kd"}
     expected = parts["focal"].item() + 0.5 * parts["triplet"].item() + 2.0 * parts["kd"].item()
     assert total.item() == pytest.approx(expected, rel=1e-5)
@@ -136,15 +137,31 @@ def test_weighted_out_samples_leave_the_loss_unchanged_without_a_host_sync():
     labels, teacher = torch.tensor([0, 1] * 4), torch.softmax(torch.randn(8, 2), 1)
     weights = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1.0])  # two undecodable images
     with HostSyncDetector() as detector:
-        total, parts = stage2_loss(logits, embeddings, labels, teacher, weights=weights)
+        total, parts = stage2_loss(logits, embeddings, labels, teacher, WEIGHTS, weights=weights)
     assert detector.syncs == []
     keep = weights.bool()
-    expected, expected_parts = stage2_loss(logits[keep], embeddings[keep], labels[keep], teacher[keep])
+    expected, expected_parts = stage2_loss(logits[keep], embeddings[keep], labels[keep], teacher[keep], WEIGHTS)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     for name in parts:
         assert parts[name].item() == pytest.approx(expected_parts[name].item(), rel=1e-5, abs=1e-7)
     # nothing usable in the batch: zero, with a finite (zero) gradient
     logits.requires_grad_(True)
-    total, _ = stage2_loss(logits, embeddings, labels, teacher, weights=torch.zeros(8))
+    total, _ = stage2_loss(logits, embeddings, labels, teacher, WEIGHTS, weights=torch.zeros(8))
     total.backward()
     assert total.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_stage1_cross_entropy_weighs_out_samples():
+    logits, labels = torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 0, 1])
+    weights = torch.tensor([1, 1, 0, 1, 1, 0.0])
+    keep = weights.bool()
+    expected = F.cross_entropy(logits[keep], labels[keep]).item()
+    assert losses.cross_entropy(logits, labels, weights).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.cross_entropy(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
+
+
+def test_stage2_loss_needs_a_weight_for_every_term():
+    logits, embeddings = torch.randn(4, 2), torch.randn(4, 8)
+    labels, teacher = torch.tensor([0, 1, 0, 1]), torch.rand(4, 2).softmax(-1)
+    with pytest.raises(ValueError, match="each of"):
+        losses.stage2_loss(logits, embeddings, labels, teacher, {"focal": 1.0})

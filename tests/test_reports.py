@@ -1,7 +1,8 @@
-"""Notebooks, plots, report.md, the configuration files and run_all.sh --download_only."""
+"""Notebooks, plots, report.md (tools/report.py), the configuration files and run_all.sh --download_only."""
 import csv
 import json
 import os
+import shutil
 import sys
 
 import nbclient
@@ -15,6 +16,7 @@ from conftest import REPO, run_script
 import train_stage1
 import train_stage2
 import wfas_data
+from tools import report
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -39,7 +41,8 @@ def test_notebook_runs_top_to_bottom_on_the_demo(path, tmp_path, monkeypatch):
 
 def test_each_stage_writes_its_summary_plots_and_the_report(stage2_run):
     exp, results = stage2_run
-    for stage, parts in (("stage1", ["train_loss", "val_loss"]), ("stage2", ["train_focal", "train_triplet", "train_kd"])):
+    for stage, parts in (("stage1", ["train_loss", "val_loss"]),
+                         ("stage2", ["train_loss", "train_focal", "train_triplet", "train_kd", "val_loss"])):
         with open(exp / "logs" / stage / "summary.csv") as f:
             rows = list(csv.DictReader(f))
         assert [int(r["epoch"]) for r in rows] == [1]
@@ -61,19 +64,33 @@ def test_each_stage_writes_its_summary_plots_and_the_report(stage2_run):
 
 
 def test_a_missing_matplotlib_is_one_warning_not_a_failure(stage2_run, tmp_path, monkeypatch):
-    exp, _ = stage2_run
+    exp = shutil.copytree(stage2_run[0], tmp_path / "EXP", ignore=shutil.ignore_patterns("face_cache", "*_latest"))
+    shutil.rmtree(exp / "plots")
     for module in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
         monkeypatch.setitem(sys.modules, module, None)
     warnings = []
-    rows = wfas_data.read_predictions_csv(exp / "stage2_test_predictions.csv")
-    metrics = wfas_data.compute_metrics(rows[2], rows[0], rows[1], 0.5)
-    written = wfas_data.make_plots(tmp_path, "stage2", exp / "logs" / "stage2" / "summary.csv", rows, rows, 0.5,
-                                   metrics, log=warnings.append)
+    written = report.make_plots(exp, "stage2", log=warnings.append)
     assert written == [] and len(warnings) == 1 and "matplotlib is not installed" in warnings[0]
     monkeypatch.undo()
-    written = wfas_data.make_plots(tmp_path, "stage2", tmp_path / "no_summary.csv", rows, rows, 0.5, metrics,
-                                   log=warnings.append)
+    (exp / "logs" / "stage2" / "summary.csv").unlink()
+    written = report.make_plots(exp, "stage2", log=warnings.append)
     assert len(warnings) == 2 and "results are unaffected" in warnings[1]
+
+
+def test_the_report_tool_redraws_everything_from_the_files_alone(stage2_run, tmp_path):
+    exp = shutil.copytree(stage2_run[0], tmp_path / "EXP", ignore=shutil.ignore_patterns("face_cache", "*_latest",
+                                                                                         "checkpoints"))
+    shutil.rmtree(exp / "plots")
+    (exp / "report.md").unlink()
+    result = run_script([sys.executable, "tools/report.py", str(exp)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in (exp / "plots").iterdir()} == {p.name for p in (stage2_run[0] / "plots").iterdir()}
+    assert (exp / "report.md").read_text() == (stage2_run[0] / "report.md").read_text().replace(
+        f"report: {stage2_run[0].name}", f"report: {exp.name}")
+    assert "Wrote" in result.stdout and "9 plots" in result.stdout
+    assert not list(exp.rglob("*.tmp*"))
+    empty = run_script([sys.executable, "tools/report.py", str(tmp_path / "nothing")])
+    assert empty.returncode == 2 and "holds no stage1_results.json" in empty.stderr and "Traceback" not in empty.stderr
 
 
 def test_a_resumed_run_leaves_each_epoch_once_in_the_summary(tmp_path):

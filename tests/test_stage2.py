@@ -13,6 +13,7 @@ from safetensors import safe_open
 from conftest import TINY_STAGE2, launch_two_processes, run_script, split_paths
 import train_stage2
 import wfas_data
+from tools import predict
 from wfas_data import UserError
 
 
@@ -69,10 +70,10 @@ def test_submission_order_and_format(stage2_run, demo_root):
     assert results["submission_path"] == str(exp / "submission.txt")
 
 
-def test_predict_only_reproduces_the_submission_whatever_the_list_order(stage2_run, demo_root, tmp_path):
+def test_predict_reproduces_the_submission_whatever_the_list_order(stage2_run, demo_root, tmp_path):
     exp, _ = stage2_run
     out = tmp_path / "PRED"
-    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(out),
+    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(out),
                          "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
                          "--num_workers", "0", "--predict_lists", str(demo_root / "Test" / "Test.txt"),
                          str(demo_root / "Dev" / "Dev.txt")])
@@ -83,8 +84,8 @@ def test_predict_only_reproduces_the_submission_whatever_the_list_order(stage2_r
     assert np.allclose([float(g[1]) for g in got], [float(e[1]) for e in expected], atol=1e-5)
 
 
-def test_predict_only_without_a_checkpoint_is_a_clear_error(tmp_path, demo_root):
-    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(tmp_path),
+def test_predict_without_a_checkpoint_is_a_clear_error(tmp_path, demo_root):
+    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(tmp_path),
                          "--predict_lists", str(demo_root / "Dev" / "Dev.txt")])
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
@@ -235,17 +236,17 @@ def test_submission_scores_keep_12_decimals(stage2_run):
 @pytest.mark.parametrize("list_path, expected", [("WFAS/Dev/Dev.txt", "dev"), ("lists/dev_list.txt", "dev"),
                                                  ("WFAS/Test/list.txt", "test"), ("x/TEST-2023.txt", "test")])
 def test_the_challenge_set_of_a_list_comes_from_its_name_or_folder(list_path, expected):
-    assert train_stage2.challenge_set(list_path) == expected
+    assert predict.challenge_set(list_path) == expected
 
 
 def test_a_list_that_names_no_set_is_a_clear_error(stage2_run, demo_root, tmp_path):
     exp, _ = stage2_run
     with pytest.raises(UserError, match="dev or the test list"):
-        train_stage2.challenge_set(tmp_path / "lists" / "images.txt")
+        predict.challenge_set(tmp_path / "lists" / "images.txt")
     (tmp_path / "dev_list.txt").write_text((demo_root / "Dev" / "Dev.txt").read_text())
     for name in (demo_root / "Dev" / "Dev.txt").read_text().split():
         (tmp_path / name).write_bytes((demo_root / "Dev" / "data" / name).read_bytes())
-    result = run_script([sys.executable, "train_stage2.py", "--predict_only", "--output_dir", str(tmp_path),
+    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(tmp_path),
                          "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
                          "--num_workers", "0", "--predict_lists", str(tmp_path / "dev_list.txt")])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,6 @@ import io
 import shutil
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -10,7 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import run_script
+import train_stage1
 import wfas_data
+from tools import make_demo
 from wfas_data import LIVE, SPOOF, UserError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -195,11 +196,12 @@ def test_split_csv_is_written_once_and_reused(demo_root, tmp_path):
 
 def test_datasets_of_a_split_give_uint8_crops_normalised_on_the_device(demo_root, tmp_path):
     table = wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None)
-    datasets = wfas_data.build_datasets(table, 48)
+    datasets = wfas_data.build_datasets(table, 48, train_stage1.train_transform(48))
     assert sum(len(d) for d in datasets.values()) == len(table)
     item = datasets["train"][0]
     assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.uint8
     assert item["ok"] and item["label"] in (0, 1)
+    assert datasets["train"].transform is not datasets["val"].transform  # only train is augmented
     first, second = datasets["val"][0]["image"], datasets["val"][0]["image"]
     assert torch.equal(first, second)  # evaluation is deterministic
     batch = torch.stack([datasets["val"][i]["image"] for i in range(4)])
@@ -243,7 +245,7 @@ def test_check_json_summary_and_verify_images(demo_root, tmp_path):
     table = wfas_data.index_wfas(demo_root)
     assert summary["num_images"] == len(table) == summary["num_live"] + summary["num_spoof"]
     assert summary["missing_bbox"] == 1 and summary["bad_bbox"] == 0
-    assert set(summary["attack_types"]) == set(wfas_data.DEMO_ATTACK_TYPES)
+    assert set(summary["attack_types"]) == set(make_demo.DEMO_ATTACK_TYPES)
     assert summary["num_subjects"] == 12 + 6 * 9
     assert summary["prediction_lists"] == {"Dev/Dev.txt": 6, "Test/Test.txt": 6}
     assert "unreadable" not in summary
@@ -258,14 +260,20 @@ def test_check_json_summary_and_verify_images(demo_root, tmp_path):
     assert "malformed bbox files         1" in text and "3D-Mask" in text
 
 
-def test_make_demo_writes_the_wfas_layout_in_seconds(tmp_path):
-    start = time.time()
-    result = run_script([sys.executable, "wfas_data.py", "make_demo", str(tmp_path / "demo"), "--subjects", "6"])
+def test_make_demo_writes_the_wfas_layout(tmp_path):
+    result = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "demo"), "--subjects", "6"])
     assert result.returncode == 0, result.stderr
-    assert time.time() - start < 30
+    assert "Wrote a generated demo dataset" in result.stdout
     root = tmp_path / "demo"
     assert sorted(p.name for p in (root / "Train" / "spoof").iterdir() if p.is_dir()) == sorted(
-        wfas_data.DEMO_ATTACK_TYPES)
+        make_demo.DEMO_ATTACK_TYPES)
+    assert not list(root.rglob("*.tmp"))  # every file written aside and renamed
+    again = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "same"), "--subjects", "6"])
+    assert again.returncode == 0
+    assert all((tmp_path / "same" / p.relative_to(root)).read_bytes() == p.read_bytes()
+               for p in root.rglob("*") if p.is_file())  # a seed gives the same dataset
+    refused = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "small"), "--subjects", "2"])
+    assert refused.returncode == 2 and "at least 3" in refused.stderr and "Traceback" not in refused.stderr
     names = (root / "Dev" / "Dev.txt").read_text().split()
     assert all((root / "Dev" / "data" / n).is_file() and (root / "Dev" / "data" / n).with_suffix(".txt").is_file()
                for n in names)
@@ -381,8 +389,8 @@ def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisi
     labels = (rng.random(500) < scores).astype(int)
     threshold = wfas_data.eer_threshold(scores, labels)
     assert threshold not in scores
-    exact = wfas_data.compute_metrics(scores, labels, ["live" if l else "x" for l in labels], threshold)
+    exact = wfas_data.compute_metrics(scores, labels, ["live" if label else "x" for label in labels], threshold)
     read_back = np.array([float(wfas_data.format_score(s)) for s in scores])
     assert np.array_equal(read_back, scores)
-    again = wfas_data.compute_metrics(read_back, labels, ["live" if l else "x" for l in labels], threshold)
+    again = wfas_data.compute_metrics(read_back, labels, ["live" if label else "x" for label in labels], threshold)
     assert again == exact

@@ -1,0 +1,156 @@
+"""Images per second of each stage's real training loop beside a bare timm loop on the same model, batch and
+uint8 input, and their ratio (target: the project at most 1.05x the bare loop's time per image).
+
+  project    train_stage1.py / train_stage2.py themselves (main(), in this process), read from the per-epoch
+             images_per_second of their summary.csv: the loader (face cache, workers, the script's
+             train_transform), to_model_input with colour jitter, the loss (stage 2: focal + triplet + KD from
+             the soft labels), accumulation, clipping, the scheduler, the progress and signal bookkeeping
+  bare       the loop one writes from timm's docs: the same DataLoader over the same dataset, normalisation,
+             cross-entropy, backward, AdamW step
+
+Both sides run the same epochs, interleaved, and the first epoch of each run (worker start, allocator warm-up) is
+left out; the figure is the median over the rest. On CUDA the bare loop is also timed in bf16, channels_last and
+torch.compile on device-resident uint8 batches, with the MFU from the counted FLOPs (3 x forward).
+
+    python benchmarks/benchmark_train.py [--runs 3] [--epochs 4] [--subjects 150] [--batch_size 32]
+"""
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_stage1  # noqa: E402
+import train_stage2  # noqa: E402
+import wfas_data  # noqa: E402
+from tools import make_demo  # noqa: E402
+
+STAGES = {1: ("convnext_atto", train_stage1), 2: ("maxvit_rmlp_pico_rw_256", train_stage2)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is left out)")
+    parser.add_argument("--subjects", type=int, default=150, help="demo data size (tools/make_demo.py)")
+    parser.add_argument("--img_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
+    return parser.parse_args(argv)
+
+
+def script_speed(stage, args, root, exp):
+    model_name, script = STAGES[stage]
+    flags = ["--output_dir", str(exp), "--model_name", model_name, "--no-pretrained", "--img_size", str(args.img_size),
+             "--num_epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--num_workers",
+             str(args.num_workers), "--learning_rate", "1e-3"]
+    script.main((["--data_root", str(root)] if stage == 1 else []) + flags)
+    with open(exp / "logs" / f"stage{stage}" / "summary.csv") as f:
+        return statistics.median(float(r["images_per_second"]) for r in list(csv.DictReader(f))[1:])
+
+
+def bare_speed(stage, args, root, exp):
+    """The same dataset and DataLoader as the script's, and the textbook step."""
+    model_name, script = STAGES[stage]
+    table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
+    cache = wfas_data.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
+    dataset = wfas_data.build_datasets(table, args.img_size, script.train_transform(args.img_size), cache=cache)
+    loader = torch.utils.data.DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    model = timm.create_model(model_name, num_classes=2, img_size=args.img_size) if stage == 2 else \
+        timm.create_model(model_name, num_classes=2)
+    config = timm.data.resolve_data_config({}, model=model)
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    speeds = []
+    for _ in range(args.epochs):
+        start, images = time.time(), 0
+        for batch in loader:
+            x = (batch["image"].float() / 255 - mean) / std
+            loss = F.cross_entropy(model(x), batch["label"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            images += len(x)
+        speeds.append(images / (time.time() - start))
+    return statistics.median(speeds[1:])
+
+
+def cuda_figures(stage, args):
+    """The bare step on the GPU in fp32, bf16, bf16 + channels_last and bf16 + channels_last + torch.compile."""
+    model_name, _ = STAGES[stage]
+    kwargs = {"img_size": args.img_size} if stage == 2 else {}
+    batch = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 2, (args.batch_size,), device="cuda")
+    flops = wfas_data.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name,
+                                     args.img_size)["gflops"] * 1e9 * 3  # forward + backward, per image
+    for name, dtype, channels_last, compiled in (("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
+                                                 ("bf16 channels_last", torch.bfloat16, True, False),
+                                                 ("bf16 channels_last compile", torch.bfloat16, True, True)):
+        model = timm.create_model(model_name, num_classes=2, **kwargs).cuda()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step_model = torch.compile(model) if compiled else model
+
+        def step():
+            x = batch.float() / 255
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(step_model(x).float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        start, steps = time.perf_counter(), 50
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        rate = steps * args.batch_size / (time.perf_counter() - start)
+        print(f"  cuda {name:<28} {rate:9.0f} img/s   MFU {rate * flops / (args.peak_tflops * 1e12):.1%}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "WFAS"
+        make_demo.make_demo(root, subjects=args.subjects, seed=0)
+        for stage in args.stages:
+            model_name, _ = STAGES[stage]
+            project, bare = [], []
+            for run in range(args.runs):
+                exp = Path(tmp) / f"stage1_for_soft_labels_{run}"
+                if stage == 2:  # the student needs a split and soft labels: a short stage 1 first
+                    train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), "--model_name",
+                                       "test_convnext", "--no-pretrained", "--img_size", str(args.img_size),
+                                       "--num_epochs", "1", "--num_workers", "0"])
+                else:
+                    exp = Path(tmp) / f"stage1_{run}"
+                project.append(script_speed(stage, args, root, exp))
+                bare.append(bare_speed(stage, args, root, Path(tmp) / f"bare{stage}_{run}"))
+            print(f"stage {stage} ({model_name} at {args.img_size} px, batch {args.batch_size}, "
+                  f"{args.num_workers} loader worker(s), {torch.get_num_threads()} threads): project "
+                  f"{statistics.median(project):.0f} img/s {[round(p) for p in project]}, bare timm loop "
+                  f"{statistics.median(bare):.0f} img/s {[round(b) for b in bare]}; time per image "
+                  f"{statistics.median(bare) / statistics.median(project):.3f}x the bare loop's")
+            if torch.cuda.is_available():
+                cuda_figures(stage, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Score images with a trained checkpoint of either stage: the challenge submission from the Dev/Test lists, and
+any folder of images. Works under `accelerate launch` too, every image counted once.
+
+    python tools/predict.py --output_dir EXP --predict_lists WFAS/Dev/Dev.txt WFAS/Test/Test.txt   # submission
+    python tools/predict.py --output_dir EXP --predict_folder photos/ [--threshold 0.3]
+    accelerate launch tools/predict.py --output_dir EXP --stage 1 --predict_folder photos/
+
+--predict_lists writes EXP/submission.txt and submission.zip (`dev/<name> <P(live)>` lines, dev before test).
+--predict_folder writes EXP/predictions_<folder name>.csv: path,score,decision for every image below the folder,
+cropped around the bbox .txt next to an image when there is one, else taken whole; live when P(live) >= the
+threshold (default: the val EER point of the checkpoint's run).
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import wfas_data  # noqa: E402
+from tools import common  # noqa: E402
+from wfas_data import UserError  # noqa: E402
+
+logger = get_logger("predict")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="output", help="the experiment folder (default: output)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="whose best checkpoint (default: 2)")
+    parser.add_argument("--checkpoint", help="a .safetensors written by either stage (default: EXP/checkpoints/"
+                                             "stageN/stageN_best.safetensors)")
+    parser.add_argument("--predict_lists", nargs="+", metavar="LIST",
+                        help="the unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt")
+    parser.add_argument("--predict_folder", metavar="DIR", help="score every image below DIR into "
+                                                                "EXP/predictions_<DIR name>.csv")
+    parser.add_argument("--threshold", type=float, help="live when P(live) >= this, for --predict_folder "
+                                                        "(default: the val EER threshold of the checkpoint's run)")
+    parser.add_argument("--batch_size", type=int, default=32, help="per process (default: 32)")
+    parser.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default: the "
+                                                                      "node's cores shared by its processes)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with a horizontal flip (default: as the checkpoint's run was evaluated)")
+    parser.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="crop the challenge lists' faces once into a cache, as training does (default: on)")
+    parser.add_argument("--face_cache_dir", help="where face caches live (default: EXP/face_cache)")
+    args = parser.parse_args(argv)
+    if not (args.predict_lists or args.predict_folder):
+        raise UserError("nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt) or "
+                        "--predict_folder DIR")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold} is not a probability: P(live) lies in [0, 1]")
+    args.face_cache_dir = args.face_cache_dir or str(Path(args.output_dir) / "face_cache")
+    config = Path(args.output_dir) / f"stage{args.stage}_config.json"
+    if args.tta is None:
+        args.tta = bool(args.checkpoint is None and config.is_file() and json.loads(config.read_text()).get("tta"))
+    return args
+
+
+def challenge_set(list_file):
+    """'dev' or 'test': the challenge set of a list, from its file name or else its folder's name."""
+    path = Path(list_file).expanduser().absolute()
+    for name in (path.stem.lower(), path.parent.name.lower()):
+        found = [candidate for candidate in ("dev", "test") if candidate in name]
+        if len(found) == 1:
+            return found[0]
+    raise UserError(f"cannot tell whether {list_file} is the dev or the test list: its file name or folder must "
+                    "contain 'dev' or 'test' (as WFAS/Dev/Dev.txt and WFAS/Test/Test.txt do)")
+
+
+def write_aside(path, write):
+    tmp = wfas_data.aside(path)
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_submission(args, accelerator, model, img_size, face_crop_scale):
+    """EXP/submission.txt in list order, dev before test, and a zip of it. An image that cannot be decoded still
+    gets its line, with 0.5, and a warning. Scores keep 12 decimals, so that confident ones do not collapse
+    into ties at 1 or 0."""
+    sets = {list_file: challenge_set(list_file) for list_file in args.predict_lists}
+    if len(set(sets.values())) < len(sets):
+        raise UserError(f"--predict_lists {' '.join(args.predict_lists)}: give one dev and one test list, not "
+                        f"{', '.join(sets.values())}")
+    lines = []
+    for list_file in sorted(args.predict_lists, key=lambda p: sets[p] != "dev"):
+        folder, names = wfas_data.read_prediction_list(list_file)
+        table = wfas_data.unlabelled_table(folder, names)
+        workers = wfas_data.default_loader_settings(args.num_workers)["num_workers"]
+        cache = wfas_data.build_face_cache(
+            table, args.face_cache_dir, img_size, face_crop_scale, workers, accelerator.process_index,
+            accelerator.num_processes, accelerator.wait_for_everyone, logger.info) if args.face_cache else None
+        scores = common.score_table(model, accelerator, table, img_size, face_crop_scale, args.batch_size,
+                                    args.num_workers, args.tta, cache, Path(list_file).name, logger.warning)
+        undecodable = np.isnan(scores)
+        if undecodable.any():
+            logger.warning(f"{int(undecodable.sum())} images of {list_file} could not be decoded; they are scored 0.5")
+            scores[undecodable] = 0.5
+        prefix = sets[list_file]
+        keys = [name if name.startswith(prefix + "/") else f"{prefix}/{name}" for name in names]
+        lines += [f"{key} {score:.12f}" for key, score in zip(keys, np.clip(scores, 0, 1))]
+    txt, archive = Path(args.output_dir) / "submission.txt", Path(args.output_dir) / "submission.zip"
+    if accelerator.is_main_process:
+        write_aside(txt, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        with zipfile.ZipFile(wfas_data.aside(archive), "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.write(txt, arcname="submission.txt")
+        os.replace(wfas_data.aside(archive), archive)
+        logger.info(f"Wrote {len(lines)} scores to {txt} and {archive}")
+    return str(txt)
+
+
+def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold):
+    """EXP/predictions_<folder name>.csv: path,score,decision for every image below --predict_folder. One that
+    cannot be decoded keeps its row, with an empty score and the decision "undecodable"."""
+    folder = Path(args.predict_folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--predict_folder {folder} is not a folder")
+    paths = wfas_data.list_images(folder)
+    if not paths:
+        raise UserError(f"--predict_folder {folder} holds no images ({', '.join(sorted(wfas_data.IMAGE_EXTENSIONS))} "
+                        "files, at any depth)")
+    scores = common.score_table(model, accelerator, wfas_data.unlabelled_table(folder, paths), img_size,
+                                face_crop_scale, args.batch_size, args.num_workers, args.tta, None, folder.name,
+                                logger.warning)
+    decisions = np.where(np.isnan(scores), "undecodable", np.where(scores >= threshold, "live", "spoof"))
+    csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "score", "decision"])
+            writer.writerows((path, "" if np.isnan(score) else wfas_data.format_score(score), decision)
+                             for path, score, decision in zip(paths, scores, decisions))
+
+    if accelerator.is_main_process:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        write_aside(csv_path, write)
+    num_undecodable = int((decisions == "undecodable").sum())
+    if num_undecodable:
+        logger.warning(f"{num_undecodable} of the {len(paths)} images below {folder} could not be decoded: their rows "
+                       "in the CSV have an empty score")
+    logger.info(f"Scored {len(paths)} images below {folder}: {int((decisions == 'live').sum())} live, "
+                f"{int((decisions == 'spoof').sum())} spoof at threshold {threshold:.6f}; wrote {csv_path}")
+    return str(csv_path)
+
+
+def run_threshold(args, metadata):
+    """--threshold, else the final val threshold of EXP's run when the checkpoint is EXP's own best (it is fitted
+    as test is scored, with --tta too), else the val EER threshold the checkpoint recorded."""
+    if args.threshold is not None:
+        return args.threshold
+    results = Path(args.output_dir) / common.RESULTS[args.stage]
+    if args.checkpoint is None and results.is_file():
+        return json.loads(results.read_text())["threshold"]
+    threshold = metadata.get("val_metrics", {}).get("threshold")
+    if threshold is None:
+        raise UserError("the checkpoint records no val threshold; pass --threshold T")
+    return threshold
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    common.setup_logging()
+    net, metadata, checkpoint = common.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
+    img_size, face_crop_scale = int(metadata["img_size"]), float(metadata.get("face_crop_scale", 1.5))
+    logger.info(f"Scoring with {checkpoint} ({metadata['model_name']}, image size {img_size}) on "
+                f"{accelerator.num_processes} process(es)")
+    model = accelerator.prepare(net)
+    results = {}
+    if args.predict_lists:
+        results["submission_path"] = write_submission(args, accelerator, model, img_size, face_crop_scale)
+    if args.predict_folder:
+        results["folder_predictions"] = score_folder(args, accelerator, model, img_size, face_crop_scale,
+                                                     run_threshold(args, metadata))
+    accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    wfas_data.run_cli(main)
