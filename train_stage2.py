@@ -4,19 +4,16 @@ against stage 1's soft labels, and its final val/test results.
     accelerate launch train_stage2.py --output_dir EXP                  # after stage 1 wrote EXP
     python train_stage2.py --output_dir EXP --config configs/stage2_recipe.json
 
-Writes into EXP: stage2_config.json, checkpoints/stage2/{stage2_best.safetensors, stage2_latest/}, logs/stage2/
-(the log and summary.csv), final_results.json (test metrics, threshold, operating points, compute),
-stage2_{val,test}_predictions.csv, plots/ and report.md. The challenge submission, scoring a folder and the
-ONNX export are programs of their own: tools/predict.py and tools/export_onnx.py.
+Writes into EXP: stage2_config.json, checkpoints/stage2/, logs/stage2/ (the log, summary.csv), final_results.json
+(test metrics, threshold, operating points, compute), stage2_{val,test}_predictions.csv, plots/, report.md.
+The submission, folder scoring and ONNX export are tools/predict.py and tools/export_onnx.py.
 """
 import argparse
-import atexit
 import datetime
 import functools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -44,6 +41,7 @@ from wfas_data import LIVE, SPOOF, UserError
 
 STAGE = "stage2"
 logger = get_logger(STAGE)
+warn = functools.partial(logger.warning, main_process_only=False)  # a warning from whichever process meets it
 
 # Flags that control one invocation rather than describe the experiment; they stay out of stage2_config.json.
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint")
@@ -59,19 +57,15 @@ def build_parser():
     group.add_argument("--soft_labels_path", help="stage 1's soft labels (default: EXP/stage1_soft_labels.pth)")
     group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
                        help="face box expansion before the square crop")
-    group.add_argument("--img_size", type=int, default=None, help="input size, fixed at creation for MaxViT "
-                                                                  "(default: the model's)")
-    group.add_argument("--color_jitter", type=float, default=0.1,
-                       help="per-image brightness, contrast and saturation factors in [1 - j, 1 + j], drawn on the "
-                            "device; 0 turns it off")
+    group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
+    group.add_argument("--color_jitter", type=float, default=0.1, help="as for stage 1; 0 turns it off")
     group.add_argument("--num_workers", type=int, default=None,
                        help="loader workers per process (default: this node's cores shared by its processes, up to 12)")
     group.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
-                       help="read face crops from a cache built once (memory-mapped shards of small JPEGs) rather "
-                            "than decoding the original photos every epoch")
+                       help="read face crops from the cache stage 1 built rather than decoding the photos each epoch")
     group.add_argument("--face_cache_dir", help="where face caches live; share one between experiments on the same "
                                                 "data (default: EXP/face_cache)")
-    group.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction, default=None,
+    group.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction,
                        help="half live, half spoof batches (default: on when --triplet_weight > 0)")
 
     group = parser.add_argument_group("model")
@@ -82,14 +76,15 @@ def build_parser():
     group.add_argument("--model_cache_dir", help="where fetched weights are kept (default: EXP/model/stage2/<model>; "
                                                  "tools/models.py fills it ahead of time)")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
+    group.add_argument("--channels_last", action="store_true", help="NHWC memory layout: faster convolutions with "
+                                                                   "AMP on GPUs, and for MaxViT on CPU (README)")
 
     group = parser.add_argument_group("losses (a term's weight: --<term>_weight; see losses.STAGE2_TERMS)")
     group.add_argument("--focal_weight", type=float, default=1.0, help="weight of the focal loss")
     group.add_argument("--triplet_weight", type=float, default=0.5, help="weight of the batch-hard triplet loss")
     group.add_argument("--kd_weight", type=float, default=1.0, help="weight of the distillation loss")
     group.add_argument("--focal_gamma", type=float, default=2.0, help="focusing parameter; 0 is cross-entropy")
-    group.add_argument("--focal_alpha", type=float, nargs=2, default=None, metavar=("SPOOF", "LIVE"),
-                       help="per-class focal weights")
+    group.add_argument("--focal_alpha", type=float, nargs=2, metavar=("SPOOF", "LIVE"), help="per-class weights")
     group.add_argument("--triplet_margin", type=float, default=0.3, help="margin on L2-normalised embeddings")
     group.add_argument("--kd_temperature", type=float, default=1.0, help="distillation temperature T")
 
@@ -167,24 +162,22 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng((self.seed, self.epoch))
+
+        def draw(pool, per_batch):  # the pool shuffled, and again as often as the epoch needs
+            count = self.num_batches * per_batch
+            order = np.concatenate([rng.permutation(pool) for _ in range(math.ceil(count / len(pool)))])
+            return order[:count].reshape(self.num_batches, per_batch)
+
         live_per_batch = self.batch_size // 2
-        spoof_per_batch = self.batch_size - live_per_batch
-
-        def draw(pool, count):
-            repeats = math.ceil(count / len(pool))
-            return np.concatenate([rng.permutation(pool) for _ in range(repeats)])[:count]
-
-        live = draw(self.live, self.num_batches * live_per_batch).reshape(self.num_batches, live_per_batch)
-        spoof = draw(self.spoof, self.num_batches * spoof_per_batch).reshape(self.num_batches, spoof_per_batch)
-        for batch in np.concatenate([live, spoof], axis=1):
-            yield batch.tolist()
+        batches = np.concatenate([draw(self.live, live_per_batch), draw(self.spoof, self.batch_size - live_per_batch)],
+                                 axis=1)
+        yield from (batch.tolist() for batch in batches)
 
 
 def load_soft_labels(path, splits):
-    """Stage 1's {path: [prob_spoof, prob_live]} as a [num_train, 2] tensor aligned with the train dataset,
-    built once here so that workers do no per-path lookups. Images without a soft label get their hard
-    label. Refuses soft labels that touch val/test, or cover under 99% of the train images that stage 1
-    could decode (listed in the stage1_results.json next to them): another run's file."""
+    """Stage 1's {path: [prob_spoof, prob_live]} as a [num_train, 2] tensor aligned with the train dataset (the
+    workers do no per-path lookups); images without one get their hard label. Refuses another run's file: one
+    that holds val/test images, or covers under 99% of the train images stage 1 could decode."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no soft labels at {path}; run stage 1 first (train_stage1.py --output_dir "
@@ -200,27 +193,22 @@ def load_soft_labels(path, splits):
         raise UserError(f"soft labels {path} contain {len(held_out)} val/test images (e.g. {held_out[0]}): "
                         "they come from another run or split; use the stage 1 output of this EXP folder")
     train_paths = splits["train"].paths()
-    labels = splits["train"].label
-    targets = np.zeros((len(train_paths), 2), dtype=np.float32)
-    targets[np.arange(len(labels)), labels] = 1.0  # hard-label fallback
-    covered = 0
-    for i, image_path in enumerate(train_paths):
-        probs = soft_labels.get(image_path)
-        if probs is None:
-            continue
+    targets = np.eye(2, dtype=np.float32)[splits["train"].label]  # the hard-label fallback
+    covered = [i for i, image_path in enumerate(train_paths) if image_path in soft_labels]
+    for i in covered:
+        probs = soft_labels[train_paths[i]]
         if not isinstance(probs, (list, tuple, torch.Tensor)) or len(probs) != 2:
-            raise UserError(f"soft labels {path}: the entry of {image_path} is {probs!r}, not "
+            raise UserError(f"soft labels {path}: the entry of {train_paths[i]} is {probs!r}, not "
                             "[prob_spoof, prob_live]")
         targets[i] = probs
-        covered += 1
-    stage1_results = path.with_name("stage1_results.json")
-    undecodable = set(json.loads(stage1_results.read_text()).get("undecodable_train_images", [])
-                      if stage1_results.is_file() else [])
+    results = path.with_name("stage1_results.json")
+    undecodable = set(json.loads(results.read_text()).get("undecodable_train_images", []) if results.is_file() else [])
     decodable = len(train_paths) - len(undecodable.intersection(train_paths))
-    if covered < 0.99 * decodable:
-        raise UserError(f"soft labels {path} cover {covered} of the {decodable} train images stage 1 could decode "
-                        "(< 99%): they belong to another run or data root; use the stage 1 output of this EXP folder")
-    return torch.from_numpy(targets), len(train_paths) - covered
+    if len(covered) < 0.99 * decodable:
+        raise UserError(f"soft labels {path} cover {len(covered)} of the {decodable} train images stage 1 could "
+                        "decode (< 99%): they belong to another run or data root; use the stage 1 output of this EXP "
+                        "folder")
+    return torch.from_numpy(targets), len(train_paths) - len(covered)
 
 
 def train_transform(img_size):
@@ -235,26 +223,24 @@ def main(argv=None):
     args = parse_args(argv)
     start_time = time.time()
     output_dir = Path(args.output_dir)
-    ckpt_dir = output_dir / "checkpoints" / STAGE
-    best_path, latest_dir = ckpt_dir / f"{STAGE}_best.safetensors", ckpt_dir / f"{STAGE}_latest"
     if not (output_dir / "split.csv").is_file():
         raise UserError(f"no split at {output_dir / 'split.csv'}: stage 2 trains on stage 1's split; run stage 1 "
                         f"first (accelerate launch train_stage1.py --data_root WFAS --output_dir {output_dir})")
     if not args.data_root:
         raise UserError(f"--data_root is required: {output_dir / 'stage1_config.json'} does not name one")
-    accelerator, log_file = start_run(args, output_dir, ckpt_dir)
+    accelerator, log_file = start_run(args, output_dir)
+    checkpoints = Checkpoints(accelerator, output_dir)
     table = wfas_data.load_or_create_split(args.data_root, output_dir, log=logger.info)
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     soft_targets, num_fallback = load_soft_labels(args.soft_labels_path, splits)
-    student = main_process_first(accelerator, lambda: create_model(  # the others reuse the fetched weights
+    student = main_process_first(accelerator, lambda: models.create_model(  # the others reuse the fetched weights
         args.model_name, args.img_size, args.pretrained, args.pretrained_file, args.model_cache_dir,
         args.drop_path_rate))
-    mean, std, img_size, compute, loader_settings, cache, datasets = prepare_data(accelerator, args, table, student)
-    log_setup(accelerator, args, img_size, compute, table, loader_settings, cache, log_file,
-              ", class-balanced" if args.balanced_sampling else "")
+    mean, std, img_size, compute, loaders, cache, datasets = prepare_data(
+        accelerator, args, table, student, log_file, ", class-balanced" if args.balanced_sampling else "")
     logger.info(f"Soft labels {args.soft_labels_path}: {len(splits['train']) - num_fallback} train images, "
                 f"{num_fallback} fall back to their hard label")
-    # one criterion, built once: the weight of each term comes from its --<term>_weight flag
+    # one criterion, built once; each term's weight is its --<term>_weight flag
     term_weights = {name: getattr(args, f"{name}_weight") for name in losses.STAGE2_TERMS}
     term_settings = dict(focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
                          triplet_margin=args.triplet_margin, kd_temperature=args.kd_temperature)
@@ -262,35 +248,30 @@ def main(argv=None):
     logger.info("Loss = " + " + ".join(f"{weight:g} {name}" for name, weight in term_weights.items())
                 + f" ({', '.join(f'{k} {v}' for k, v in term_settings.items())})")
 
-    train_sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed) \
-        if args.balanced_sampling else None
-    train_loader = make_loader(datasets["train"], args.batch_size, loader_settings, True, train_sampler)
-    if len(train_loader) == 0:
-        raise UserError(f"the train split has {len(datasets['train'])} images, fewer than one batch of "
-                        f"{args.batch_size}; lower --batch_size")
-    val_loader = make_loader(datasets["val"], args.batch_size, loader_settings)
+    labels = splits["train"].label
+    sampler = BalancedBatchSampler(labels, args.batch_size, args.seed) if args.balanced_sampling else None
+    train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler)
+    val_loader = loaders.make(datasets["val"])
     model = LogitsAndEmbedding(student)
     optimizer = create_optimizer_v2(student, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     set_seed(args.seed, device_specific=True)
     soft_targets = soft_targets.to(accelerator.device)
     scheduler, total_updates, updates_per_epoch = build_scheduler(optimizer, args, len(train_loader))
-    state, skip_batches = resume_or_start(accelerator, args, latest_dir, updates_per_epoch)
+    state, skip_batches = checkpoints.resume(args, updates_per_epoch)
     scheduler.step_update(state["global_step"])
 
     stopper = StopOnSignal(train_loader, val_loader)
-    progress = wfas_data.progress_bar(total=total_updates, initial=state["global_step"], desc="stage 2",
-                                      disable=not accelerator.is_local_main_process)
-    run_meter = RunMeter(args.num_epochs, total_updates, updates_per_epoch)
-    checkpoint_metadata = {"model_name": args.model_name, "img_size": str(img_size),
-                           "face_crop_scale": str(args.face_crop_scale), "compute": compute}
+    run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, desc="stage 2")
+    best_metadata = {"model_name": args.model_name, "img_size": str(img_size),
+                     "face_crop_scale": str(args.face_crop_scale), "compute": compute}
     for epoch in range(state["epoch"] + 1, args.num_epochs):
         if state["global_step"] >= total_updates:
             break
         model.train()
-        for sampler in (train_loader, train_sampler):  # the balanced sampler draws each epoch's batches anew
-            if sampler is not None:
-                sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        if sampler is not None:  # the balanced sampler draws each epoch's batches anew
+            sampler.set_epoch(epoch)
         meter = EpochMeter(accelerator, state)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         skip_batches = 0  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
@@ -306,26 +287,27 @@ def main(argv=None):
                 optimizer.step()
                 optimizer.zero_grad()
             meter.add(batch, loss, parts)
-            if accelerator.sync_gradients and after_update(accelerator, args, state, scheduler, progress, meter,
-                                                           stopper, latest_dir, total_updates):
+            if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
                 break
         train = meter.finish()
         val, _ = wfas_data.evaluate(model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
-        improved = keep_best(accelerator, state, epoch, val, student, best_path, checkpoint_metadata)
-        save_latest(accelerator, latest_dir, state)
-        run_meter.log_epoch(accelerator, output_dir, epoch, state, train, val, meter, optimizer, improved, start_time)
-        stopper.stop_if_requested(accelerator, latest_dir, state)
-    progress.close()
+        improved = checkpoints.keep_best(state, epoch, val, student, best_metadata)
+        checkpoints.save_latest(state)
+        run_log.log_epoch(output_dir, epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
+        if stopper.requested(accelerator):
+            stopper.stop(checkpoints.latest_dir, state)
+    run_log.progress.close()
     stopper.restore()
-    load_best(accelerator, student, best_path)
+    checkpoints.load_best(student)
+
     # The threshold is the EER point of the best model on val; test is scored at it, never fitted on test.
     val, val_rows = wfas_data.evaluate(model, val_loader, splits["val"], accelerator, mean, std, tta=args.tta,
                                        log_warning=warn)
-    test_loader = accelerator.prepare(make_loader(datasets["test"], args.batch_size, loader_settings))
+    test_loader = accelerator.prepare(loaders.make(datasets["test"]))
     test, test_rows = wfas_data.evaluate(model, test_loader, splits["test"], accelerator, mean, std,
                                          val["threshold"], args.tta, desc="test", log_warning=warn)
     # deployers trade one error for the other: thresholds fitted on val for the error rates they can afford
-    operating_points = wfas_data.operating_points(val_rows[3], val_rows[1], test_rows[3], test_rows[1])
+    operating_points = report.operating_points(val_rows[3], val_rows[1], test_rows[3], test_rows[1])
     stage1_results = output_dir / "stage1_results.json"
     teacher_test = json.loads(stage1_results.read_text())["test"] if stage1_results.is_file() else {}
     results = {
@@ -335,14 +317,13 @@ def main(argv=None):
         "num_test_images": test["num_images"], "num_val_images": val["num_images"],
         "teacher_test_acer": teacher_test.get("acer"), "teacher_test_acc": teacher_test.get("acc"),
         "num_soft_label_fallbacks": num_fallback, "model_name": args.model_name, "img_size": img_size,
-        **run_meter.totals(accelerator, start_time), "compute": compute,
+        **run_log.totals(), "compute": compute,
     }
     logger.info(f"Best epoch {results['best_epoch']}: val {wfas_data.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
-    logger.info(wfas_data.format_operating_points(operating_points))
+    logger.info(report.format_operating_points(operating_points))
     if results["teacher_test_acer"] is not None:
-        logger.info(f"Teacher (stage 1) test ACER {results['teacher_test_acer']:.4f}, "
-                    f"student {results['test_acer']:.4f}")
+        logger.info(f"Teacher (stage 1) test ACER {teacher_test['acer']:.4f}, student {test['acer']:.4f}")
     if accelerator.is_main_process:
         wfas_data.write_predictions(output_dir / "stage2_val_predictions.csv", *val_rows)
         wfas_data.write_predictions(output_dir / "stage2_test_predictions.csv", *test_rows)
@@ -365,9 +346,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring keeps its layout; every flag shows its default unless its help already tells it."""
 
     def _get_help_string(self, action):
-        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return action.help + " (default: %(default)s)"
+        told = "(default" in action.help or action.default in (None, False, argparse.SUPPRESS)
+        return action.help + ("" if told else " (default: %(default)s)")
 
 
 # Copied from train_stage1.py
@@ -393,17 +373,14 @@ def parse_with_config(parser, argv):
     if args.report_to not in ("none", "all", *trackers):
         raise UserError(f"--report_to {args.report_to}: no such tracker is installed here (installed: "
                         f"{', '.join(trackers) or 'none'}); e.g. pip install tensorboard")
-    if args.model_cache_dir is None:
-        args.model_cache_dir = str(models.cache_dir(args.output_dir, STAGE, args.model_name))
-    if args.face_cache_dir is None:
-        args.face_cache_dir = str(Path(args.output_dir) / "face_cache")
+    args.model_cache_dir = args.model_cache_dir or str(models.cache_dir(args.output_dir, STAGE, args.model_name))
+    args.face_cache_dir = args.face_cache_dir or str(Path(args.output_dir) / "face_cache")
     return args
 
 
 # Copied from train_stage1.py
-def start_run(args, output_dir, ckpt_dir):
-    """The Accelerator, the log (console on every process, accelerate's logger keeping the others quiet, plus a
-    file on the main process), the shared seed, and the resolved flags saved next to the checkpoints."""
+def start_run(args, output_dir):
+    """The Accelerator, the log (the console, and a file on the main process), the seed, the saved flags."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -413,118 +390,68 @@ def start_run(args, output_dir, ckpt_dir):
     )
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers, log_dir = [logging.StreamHandler(sys.stdout)], output_dir / "logs" / STAGE
     if accelerator.is_main_process:
-        (output_dir / "logs" / STAGE).mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        handlers.append(logging.FileHandler(output_dir / "logs" / STAGE / f"{STAGE}_training_{stamp}.log"))
+        handlers.append(logging.FileHandler(log_dir / f"{STAGE}_training_{stamp}.log"))
+        wfas_data.write_json(output_dir / f"{STAGE}_config.json",
+                             {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_KEYS})
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, handlers=handlers, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file save_state chatter
-    # The same seed on every process for the model's init and the seedable sampler's shuffle (taken at
-    # prepare()); a per-process seed after prepare() for augmentation and stochastic depth.
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_KEYS}
-        wfas_data.write_json(output_dir / f"{STAGE}_config.json", config)
+    set_seed(args.seed)  # the model's init and the shuffle; main() seeds each process apart after prepare()
     accelerator.init_trackers(STAGE, config={k: v for k, v in vars(args).items()
                                              if isinstance(v, (int, float, str, bool))})
     return accelerator, handlers[-1].baseFilename if accelerator.is_main_process else None
 
 
 # Copied from train_stage1.py
-def log_setup(accelerator, args, img_size, compute, table, loader_settings, cache, log_file, extra=""):
-    logger.info(f"{STAGE.replace('stage', 'Stage ')}: {args.model_name} "
-                f"({'pretrained' if args.pretrained else 'from scratch'}), {accelerator.num_processes} process(es) "
-                f"on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}, image size {img_size}, "
-                f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}{extra}")
-    logger.info(f"Compute: {compute['params_m']:.2f} M parameters; {compute['challenge_limit']}")
-    logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
-    logger.info(wfas_data.describe_loader(loader_settings, cache))
-    if log_file:
-        logger.info(f"Logging to {log_file}")
-
-
-# Copied from train_stage1.py
-def warn(message):
-    """A warning from whichever process meets it (accelerate's logger speaks on the main process only)."""
-    logger.warning(message, main_process_only=False)
-
-
-# Copied from train_stage1.py
 def main_process_first(accelerator, work):
-    """work() on the main process, then on the others (it writes what they read). A user error on the main
-    process reaches every process, which then raises it too: none is left waiting at a barrier."""
+    """work() on the main process, then on the others (it writes what they read); a user error on the main
+    process is raised on every process, so that none waits at a barrier."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
             result = work()
         except UserError as exc:
             error = str(exc)
-    error = broadcast_object_list([error])[0]
-    if error is not None:
+    if (error := broadcast_object_list([error])[0]) is not None:
         raise UserError(error)
-    if not accelerator.is_main_process:
-        result = work()
-    return result
+    return work() if not accelerator.is_main_process else result
 
 
 # Copied from train_stage1.py
-def create_model(model_name, img_size=None, pretrained=False, pretrained_file=None, cache_dir=None,
-                 drop_path_rate=0.0):
-    kwargs = dict(num_classes=2, drop_path_rate=drop_path_rate)
-    cfg = timm.get_pretrained_cfg(model_name)
-    if img_size and cfg and cfg.fixed_input_size:  # e.g. MaxViT: its window grid is built for one input size
-        kwargs["img_size"] = img_size
-    if not pretrained:
-        return timm.create_model(model_name, pretrained=False, **kwargs)
-    weights = Path(pretrained_file) if pretrained_file else models.fetch_pretrained(model_name, cache_dir)
-    if not weights.is_file():
-        raise UserError(f"--pretrained_file {weights} does not exist")
-    try:  # timm loads the file, drops the 1000-class head and resizes what depends on the input size
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
-                                 **kwargs)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise UserError(f"cannot load {weights} into {model_name}: {str(error).splitlines()[0]}") from None
-
-
-# Copied from train_stage1.py
-def prepare_data(accelerator, args, table, net):
-    """The model's normalisation and input size, its compute budget, the loader settings, the face cache (built
-    by all processes together when it is missing) and the datasets of a split table."""
+def prepare_data(accelerator, args, table, net, log_file, extra=""):
+    """The model's memory layout, input settings and compute budget, the loaders, the face cache (all processes
+    build it together when it is missing) and the datasets of a split table; all of it logged."""
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
     data_config = timm.data.resolve_data_config({}, model=net)
     img_size = args.img_size or data_config["input_size"][-1]
-    compute = wfas_data.compute_budget(net, args.model_name, img_size)
-    loader_settings = wfas_data.default_loader_settings(args.num_workers)
+    compute = models.compute_budget(net, args.model_name, img_size)
+    loaders = wfas_data.Loaders(args.batch_size, args.num_workers)
     cache = wfas_data.build_face_cache(
-        table, args.face_cache_dir, img_size, args.face_crop_scale, loader_settings["num_workers"],
+        table, args.face_cache_dir, img_size, args.face_crop_scale, loaders.settings["num_workers"],
         accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, logger.info,
     ) if args.face_cache else None
+    logger.info(f"{STAGE.replace('stage', 'Stage ')}: {args.model_name} "
+                f"({'pretrained' if args.pretrained else 'from scratch'}), {accelerator.num_processes} process(es) "
+                f"on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}, image size {img_size}, "
+                f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}{extra}")
+    logger.info(f"Compute: {compute['params_m']:.2f} M parameters; {compute['challenge_limit']}")
+    logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
+    logger.info(loaders.describe(cache) + (f"\nLogging to {log_file}" if log_file else ""))
     datasets = wfas_data.build_datasets(table, img_size, train_transform(img_size), args.face_crop_scale, cache)
-    return data_config["mean"], data_config["std"], img_size, compute, loader_settings, cache, datasets
-
-
-# Copied from train_stage1.py
-def make_loader(dataset, batch_size, loader_settings, shuffle=False, batch_sampler=None):
-    """A DataLoader whose workers ignore the stop signals (StopOnSignal) and persist across epochs, as timm's
-    do: StopOnSignal shuts them down before the process exits."""
-    workers = dict(worker_init_fn=StopOnSignal.shield_loader_worker,
-                   persistent_workers=loader_settings["num_workers"] > 0, **loader_settings)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **workers)
+    return data_config["mean"], data_config["std"], img_size, compute, loaders, cache, datasets
 
 
 # Copied from train_stage1.py
 def build_scheduler(optimizer, args, batches_per_epoch):
-    """Linear warmup, then cosine decay to 1% of the peak, per update. The LR is a function of the update count
-    and of this run's settings alone, never saved: a resumed run follows the schedule of an uninterrupted run
-    with its own settings, whatever the saved one used. Returns (scheduler, total updates, updates per epoch)."""
+    """Warmup, then cosine decay to 1% of the peak, per update; a function of the update count and this run's
+    flags alone, so a resumed run follows the schedule an uninterrupted run with its flags would."""
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total_updates = args.num_epochs * updates_per_epoch
-    if args.max_train_steps:
-        total_updates = min(total_updates, args.max_train_steps)
+    total_updates = min(args.num_epochs * updates_per_epoch, args.max_train_steps or math.inf)
     warmup = min(round(args.warmup_epochs * updates_per_epoch), total_updates // 2)  # short runs still decay
     scheduler = CosineLRScheduler(optimizer, t_initial=max(total_updates - warmup, 1), lr_min=args.learning_rate * 0.01,
                                   warmup_t=warmup, warmup_lr_init=args.learning_rate * 0.01, warmup_prefix=True,
@@ -533,17 +460,118 @@ def build_scheduler(optimizer, args, batches_per_epoch):
 
 
 # Copied from train_stage1.py
+class Checkpoints:
+    """checkpoints/<stage>/: <stage>_best.safetensors (the timm model's weights, with metadata) and <stage>_latest/
+    (accelerate's state: model, optimizer, RNG, sampler; and ours: the last finished epoch, the images of the next
+    one trained over all processes, the updates, the best so far). Both are written aside and renamed."""
+
+    def __init__(self, accelerator, output_dir):
+        self.accelerator, folder = accelerator, Path(output_dir) / "checkpoints" / STAGE
+        self.best_path, self.latest_dir = folder / f"{STAGE}_best.safetensors", folder / f"{STAGE}_latest"
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def resume(self, args, updates_per_epoch):
+        """(state, batches each process skips in the unfinished epoch), from --resume_from_checkpoint or fresh.
+        accelerate's lines say what it could not restore (the RNG of another number of processes, say)."""
+        state, skip_batches = {"epoch": -1, "images_done": 0, "global_step": 0, "best_epoch": -1,
+                               "best_val_acer": math.inf}, 0
+        resume_dir = args.resume_from_checkpoint and self.resolve(args.resume_from_checkpoint, self.latest_dir)
+        if resume_dir:
+            logging.getLogger("accelerate").setLevel(logging.INFO)
+            try:
+                self.accelerator.load_state(str(resume_dir))
+            finally:
+                logging.getLogger("accelerate").setLevel(logging.WARNING)
+            state = json.loads((resume_dir / "training_state.json").read_text())
+            skip_batches, global_step = self.position(state, args.batch_size, self.accelerator.num_processes,
+                                                      args.gradient_accumulation_steps, updates_per_epoch)
+            if global_step != state["global_step"]:
+                logger.info(f"The batch size, processes or accumulation changed: the run goes on at update "
+                            f"{global_step} of the new schedule (update {state['global_step']} of the old one)")
+            state["global_step"] = global_step
+            logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
+                        + (f" and {skip_batches} batches of the next" if skip_batches else "")
+                        + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
+        elif args.resume_from_checkpoint:
+            logger.info(f"No saved state in {self.latest_dir} yet: starting from the beginning")
+        state.update(batch_size=args.batch_size, num_processes=self.accelerator.num_processes)
+        return state, skip_batches
+
+    @staticmethod
+    def resolve(resume, latest_dir):
+        """The state to resume from, or None: `latest` with no state yet is a first start (a requeued job runs
+        the same command every time); an explicit folder must exist."""
+        path = latest_dir if resume == "latest" else Path(resume)
+        for candidate in [path, path.with_name(path.name + ".tmp"),  # a kill between save_latest's renames
+                          *sorted(path.parent.glob(f"{path.name}.old*"), reverse=True)]:
+            if (candidate / "training_state.json").is_file():
+                return candidate
+        if resume != "latest":
+            raise UserError(f"--resume_from_checkpoint {resume}: no saved state at {path} "
+                            f"(expected a {STAGE}_latest folder written by an earlier run)")
+
+    @staticmethod
+    def position(state, batch_size, num_processes, gradient_accumulation_steps, updates_per_epoch):
+        """The batches of the unfinished epoch each process skips, and the update an uninterrupted run with these
+        settings is at there; counted in images, which holds when the processes or the batch size changed."""
+        if state["images_done"] % (batch_size * num_processes):
+            raise UserError(f"the saved state is {state['images_done']} images into an epoch, not a whole number of "
+                            f"batches of {batch_size} x {num_processes} processes: resume mid-epoch with the batch "
+                            f"size and processes it was saved with ({state['batch_size']} x "
+                            f"{state['num_processes']}), or from a state saved at the end of an epoch")
+        batches = state["images_done"] // (batch_size * num_processes)
+        return batches, (state["epoch"] + 1) * updates_per_epoch + batches // gradient_accumulation_steps
+
+    def save_latest(self, state):
+        """Written to .tmp and swapped in: a kill at any instruction leaves a complete state in latest, .tmp (once
+        its training_state.json is written) or an .old-* folder, which resolve() finds; a leftover that cannot be
+        deleted (an NFS silly-rename file) never blocks the next swap."""
+        latest, accelerator = self.latest_dir, self.accelerator
+        tmp = latest.with_name(latest.name + ".tmp")
+        if accelerator.is_main_process and tmp.exists():  # a kill's leftover: moved aside, as it may not delete
+            tmp.rename(latest.with_name(f"{latest.name}.old-{time.time_ns()}"))
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            wfas_data.write_json(tmp / "training_state.json", state)
+            if latest.exists():
+                latest.rename(latest.with_name(f"{latest.name}.old-{time.time_ns()}"))
+            tmp.rename(latest)
+            for old in latest.parent.glob(f"{latest.name}.old*"):
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def keep_best(self, state, epoch, val, net, metadata):
+        """Ends the epoch; saves net (before prepare(): no DDP or compile prefix) if its val ACER is the best."""
+        state.update(epoch=epoch, images_done=0)
+        if val["acer"] >= state["best_val_acer"]:
+            return False
+        state.update(best_epoch=epoch, best_val_acer=val["acer"])
+        if self.accelerator.is_main_process:
+            tmp = wfas_data.aside(self.best_path)
+            save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp, metadata={
+                k: v if isinstance(v, str) else json.dumps(v) for k, v in {**metadata, "epoch": str(epoch),
+                                                                            "val_metrics": val}.items()})
+            os.replace(tmp, self.best_path)
+        return True
+
+    def load_best(self, net):
+        if not self.best_path.is_file():
+            raise UserError(f"no best checkpoint at {self.best_path}: training ran no epoch (check --num_epochs)")
+        self.accelerator.wait_for_everyone()
+        net.load_state_dict(load_file(self.best_path))
+
+
+# Copied from train_stage1.py
 class EpochMeter:
-    """One epoch's counters: images, the wait for data, undecodable images, and the loss and its parts, summed
-    on the device (.item() every step would make the CPU wait for it)."""
+    """An epoch's images, data wait, undecodable images and loss parts (summed on the device: no host sync)."""
 
     def __init__(self, accelerator, state):
-        self.accelerator, self.state = accelerator, state
+        self.accelerator, self.state, self.sums = accelerator, state, {}
         self.start, self.images, self.steps, self.undecodable, self.seen, self.data_wait = time.time(), 0, 0, 0, 0, 0.0
-        self.sums = {}
 
     def timed(self, batches):
-        """The batches, with the wait for each one timed and its undecodable images counted."""
         waiting_since = time.perf_counter()
         for batch in batches:
             self.data_wait += time.perf_counter() - waiting_since
@@ -557,220 +585,88 @@ class EpochMeter:
         for name, value in {"loss": loss.detach(), **(parts or {})}.items():
             self.sums[name] = self.sums.get(name, 0) + value
         self.steps += 1
-        batch_images = len(batch["error"]) * self.accelerator.num_processes
-        self.state["images_done"] += batch_images
-        self.images += batch_images
-
-    def mean(self, name):
-        return self.sums[name].item() / self.steps
+        self.images += len(batch["error"]) * self.accelerator.num_processes
+        self.state["images_done"] += len(batch["error"]) * self.accelerator.num_processes
 
     def finish(self):
-        """The epoch's mean loss and parts; the undecodable count summed over processes (on every process)."""
         self.seconds = time.time() - self.start
         self.undecodable = int(self.accelerator.reduce(torch.tensor(self.undecodable, device=self.accelerator.device),
                                                        reduction="sum"))
-        return {name: self.mean(name) for name in self.sums}
+        return {name: value.item() / self.steps for name, value in self.sums.items()}
 
 
 # Copied from train_stage1.py
-def after_update(accelerator, args, state, scheduler, progress, meter, stopper, latest_dir, total_updates):
-    """The bookkeeping of one optimizer update: schedule, progress, --checkpointing_steps, and a stop signal,
-    which saves the state where the run stands and exits. Returns whether the run has made all its updates."""
-    state["global_step"] += 1
-    scheduler.step_update(state["global_step"])
-    progress.update(1)
-    if state["global_step"] % 20 == 0:
-        speed = meter.images / (time.time() - meter.start)
-        progress.set_postfix(loss=f"{meter.mean('loss'):.4f}", img_s=f"{speed:.0f}")
-    if args.checkpointing_steps and state["global_step"] % args.checkpointing_steps == 0:
-        save_latest(accelerator, latest_dir, state)
-        logger.info(f"Wrote {latest_dir} at update {state['global_step']} (epoch {state['epoch'] + 2}, "
-                    f"{state['images_done']} images)")
-    if stopper.requested(accelerator, state["global_step"]):
-        save_latest(accelerator, latest_dir, state)
-        stopper.stop(latest_dir, state)
-    return state["global_step"] >= total_updates
+class RunLog:
+    """Progress, throughput and ETA; per epoch the log line, summary.csv and the trackers, derived from the loss
+    parts, so that a new loss term shows up everywhere by itself."""
 
+    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc):
+        self.accelerator, self.args, self.state, self.start_time = accelerator, args, state, start_time
+        self.total_updates, self.updates_per_epoch = total_updates, updates_per_epoch
+        self.images, self.seconds, self.epochs, self.loop_start = 0, 0.0, 0, time.time()
+        self.progress = wfas_data.progress_bar(total=total_updates, initial=state["global_step"], desc=desc,
+                                               disable=not accelerator.is_local_main_process)
 
-# Copied from train_stage1.py
-def keep_best(accelerator, state, epoch, val, net, best_path, metadata):
-    """Ends the epoch in the state; saves net (the plain timm model) as the best checkpoint when its val ACER is
-    the lowest so far. Returns whether it was."""
-    state.update(epoch=epoch, images_done=0)
-    improved = val["acer"] < state["best_val_acer"]
-    if improved:
-        state.update(best_epoch=epoch, best_val_acer=val["acer"])
-        save_best(accelerator, net, best_path, {**metadata, "epoch": str(epoch), "val_metrics": val})
-    return improved
+    def after_update(self, meter, scheduler, checkpoints, stopper):
+        """An update's schedule, progress, --checkpointing_steps and stop signal (save, then exit); True when done."""
+        state, every = self.state, self.args.checkpointing_steps
+        state["global_step"] += 1
+        scheduler.step_update(state["global_step"])
+        self.progress.update(1)
+        if state["global_step"] % 20 == 0:
+            speed = meter.images / (time.time() - meter.start)
+            self.progress.set_postfix(loss=f"{meter.sums['loss'].item() / meter.steps:.4f}", img_s=f"{speed:.0f}")
+        if every and state["global_step"] % every == 0:
+            checkpoints.save_latest(state)
+            logger.info(f"Wrote {checkpoints.latest_dir} at update {state['global_step']} (epoch "
+                        f"{state['epoch'] + 2}, {state['images_done']} images)")
+        if stopper.requested(self.accelerator, state["global_step"]):
+            checkpoints.save_latest(state)
+            stopper.stop(checkpoints.latest_dir, state)
+        return state["global_step"] >= self.total_updates
 
-
-# Copied from train_stage1.py
-def load_best(accelerator, net, best_path):
-    if not best_path.is_file():
-        raise UserError(f"no best checkpoint at {best_path}: training ran no epoch (check --num_epochs)")
-    accelerator.wait_for_everyone()
-    net.load_state_dict(load_file(best_path))
-
-
-# Copied from train_stage1.py
-class RunMeter:
-    """The run's throughput and ETA, and the per-epoch log line, summary.csv row and tracker values, all derived
-    from the parts of the loss, so that a new loss term shows up everywhere by itself."""
-
-    def __init__(self, num_epochs, total_updates, updates_per_epoch):
-        self.num_epochs, self.total_updates, self.updates_per_epoch = num_epochs, total_updates, updates_per_epoch
-        self.images, self.seconds, self.epochs, self.start = 0, 0.0, 0, time.time()
-
-    def log_epoch(self, accelerator, output_dir, epoch, state, train, val, meter, optimizer, improved, start_time):
+    def log_epoch(self, output_dir, epoch, train, val, meter, lr, improved):
         self.images += meter.images
         self.seconds += meter.seconds
         self.epochs += 1
-        epochs_left = min(self.num_epochs - epoch - 1,
-                          math.ceil((self.total_updates - state["global_step"]) / self.updates_per_epoch))
-        eta = (time.time() - self.start) / self.epochs * epochs_left
-        lr, speed, wait = optimizer.param_groups[0]["lr"], meter.images / meter.seconds, meter.data_wait / meter.seconds
+        epochs_left = min(self.args.num_epochs - epoch - 1,
+                          math.ceil((self.total_updates - self.state["global_step"]) / self.updates_per_epoch))
+        eta = (time.time() - self.loop_start) / self.epochs * epochs_left
+        speed, wait = meter.images / meter.seconds, meter.data_wait / meter.seconds
         parts = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
-        logger.info(f"epoch {epoch + 1}/{self.num_epochs}  train loss {train['loss']:.4f}"
+        logger.info(f"epoch {epoch + 1}/{self.args.num_epochs}  train loss {train['loss']:.4f}"
                     + (f" ({parts})" if parts else "") + f"  val loss {val['loss']:.4f}  "
                     f"val {wfas_data.format_metrics(val)}  lr {lr:.2e}  {speed:.0f} img/s  data wait {wait:.0%}  "
-                    f"elapsed {datetime.timedelta(seconds=round(time.time() - start_time))}  "
+                    f"elapsed {datetime.timedelta(seconds=round(time.time() - self.start_time))}  "
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {meter.undecodable} undecodable images skipped" if meter.undecodable else ""))
-        val_numbers = {k: val[k] for k in ("loss", "acer", "apcer", "bpcer", "auc")}
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             wfas_data.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
                 "epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
-                **{f"val_{k}": v for k, v in val_numbers.items()}, "lr": lr, "images_per_second": speed,
-                "data_wait_share": wait})
-        accelerator.log({**{f"train/{k}": v for k, v in train.items()}, "train/lr": lr,
-                         "train/images_per_second": speed, "train/data_wait_share": wait,
-                         **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
+                **{f"val_{k}": val[k] for k in ("loss", "acer", "apcer", "bpcer", "auc")}, "lr": lr,
+                "images_per_second": speed, "data_wait_share": wait})
+        self.accelerator.log({**{f"train/{k}": v for k, v in train.items()}, "train/lr": lr,
+                              "train/images_per_second": speed, "train/data_wait_share": wait,
+                              **{f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))}}, step=epoch)
 
-    def totals(self, accelerator, start_time):
-        return {"wall_time_s": round(time.time() - start_time, 1),
+    def totals(self):
+        return {"wall_time_s": round(time.time() - self.start_time, 1),
                 "images_per_second": round(self.images / self.seconds, 1) if self.seconds else None,
-                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
-
-
-# Copied from train_stage1.py
-def save_best(accelerator, module, path, metadata):
-    """A plain timm model's weights in safetensors, with metadata; written aside and renamed into place.
-    module: the model before prepare(), so that the keys carry no DDP or torch.compile prefix."""
-    if accelerator.is_main_process:
-        weights = {k: v.contiguous().cpu() for k, v in module.state_dict().items()}
-        tmp = wfas_data.aside(path)
-        save_file(weights, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-
-
-# Copied from train_stage1.py
-def save_latest(accelerator, latest_dir, training_state):
-    """The full accelerate state (model, optimizer, RNG, sampler) plus our counters, written to a .tmp
-    folder and swapped in. A kill at any instruction leaves a complete state in latest, in .tmp (once its
-    training_state.json is written) or in an .old-* folder, and resolve_resume finds it. The replaced state
-    goes to an .old-* name of its own, so a leftover that cannot be deleted (an NFS silly-rename file, a
-    kill during rmtree) never blocks the next swap."""
-    tmp = latest_dir.with_name(latest_dir.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():  # a kill's leftover: moved aside, as it may not delete
-        tmp.rename(latest_dir.with_name(f"{latest_dir.name}.old-{time.time_ns()}"))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        wfas_data.write_json(tmp / "training_state.json", training_state)
-        if latest_dir.exists():
-            latest_dir.rename(latest_dir.with_name(f"{latest_dir.name}.old-{time.time_ns()}"))
-        tmp.rename(latest_dir)
-        for old in latest_dir.parent.glob(f"{latest_dir.name}.old*"):
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-# Copied from train_stage1.py
-def resolve_resume(resume, latest_dir):
-    """The state to resume from, or None to start fresh: `latest` with no saved state yet is a first start,
-    so that a requeued job can run the same command every time; an explicit folder must exist."""
-    path = latest_dir if resume == "latest" else Path(resume)
-    candidates = [path, path.with_name(path.name + ".tmp"),  # a kill between the two renames of save_latest
-                  *sorted(path.parent.glob(f"{path.name}.old*"), reverse=True)]
-    for candidate in candidates:
-        if (candidate / "training_state.json").is_file():
-            return candidate
-    if resume == "latest":
-        return None
-    raise UserError(f"--resume_from_checkpoint {resume}: no saved state at {path} "
-                    f"(expected a {STAGE}_latest folder written by an earlier run)")
-
-
-# Copied from train_stage1.py
-def resume_or_start(accelerator, args, latest_dir, updates_per_epoch):
-    """The training state (the last finished epoch, the images of the next one already trained over all
-    processes, the update count, the best so far) and the batches each process skips in the unfinished epoch:
-    from --resume_from_checkpoint, or a fresh start. Logs accelerate's own lines of the load, so that the log
-    says what it could not restore (the random states of another number of processes, say)."""
-    state = {"epoch": -1, "images_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
-    skip_batches = 0
-    resume_dir = args.resume_from_checkpoint and resolve_resume(args.resume_from_checkpoint, latest_dir)
-    if resume_dir:
-        accelerate_logger = logging.getLogger("accelerate")
-        accelerate_logger.setLevel(logging.INFO)
-        try:
-            accelerator.load_state(str(resume_dir))
-        finally:
-            accelerate_logger.setLevel(logging.WARNING)
-        state = json.loads((resume_dir / "training_state.json").read_text())
-        skip_batches, global_step = resume_position(state, args.batch_size, accelerator.num_processes,
-                                                    args.gradient_accumulation_steps, updates_per_epoch)
-        if global_step != state["global_step"]:
-            logger.info(f"The batch size, processes or accumulation changed: the run goes on at update {global_step} "
-                        f"of the new schedule (update {state['global_step']} of the old one)")
-        state["global_step"] = global_step
-        logger.info(f"Resumed from {resume_dir}: epoch {state['epoch'] + 1} of {args.num_epochs} done"
-                    + (f" and {skip_batches} batches of the next" if skip_batches else "")
-                    + f", {state['global_step']} updates, best val ACER {state['best_val_acer']:.4f}")
-    elif args.resume_from_checkpoint:
-        logger.info(f"No saved state in {latest_dir} yet: starting from the beginning")
-    state.update(batch_size=args.batch_size, num_processes=accelerator.num_processes)
-    return state, skip_batches
-
-
-# Copied from train_stage1.py
-def resume_position(state, batch_size, num_processes, gradient_accumulation_steps, updates_per_epoch):
-    """Where a resumed run goes on: the batches of the unfinished epoch each process skips, and the update
-    count an uninterrupted run with the current settings has there, which the LR schedule follows.
-    Counted in images, which holds when the number of processes or the batch size changed."""
-    images_per_batch = batch_size * num_processes
-    if state["images_done"] % images_per_batch:
-        raise UserError(f"the saved state is {state['images_done']} images into an epoch, not a whole number of "
-                        f"batches of {batch_size} x {num_processes} processes: resume mid-epoch with the batch "
-                        f"size and processes it was saved with ({state['batch_size']} x {state['num_processes']})"
-                        ", or from a state saved at the end of an epoch")
-    batches = state["images_done"] // images_per_batch
-    return batches, (state["epoch"] + 1) * updates_per_epoch + batches // gradient_accumulation_steps
+                "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision}
 
 
 # Copied from train_stage1.py
 class StopOnSignal:
-    """SIGTERM (preemption) and SIGUSR1 (SLURM's --signal) ask the run to stop: every process finishes its
-    step, the resumable state is saved where the run stands, and it exits. Processes agree on the update at
-    which they stop through accelerate's trigger, an all-reduce that makes the CPU wait for the device, so
-    several processes check it every CHECK_EVERY updates only.
-
-    Schedulers signal every process of a job, loader workers too, so workers ignore the stop signals
-    (shield_loader_worker). They persist across epochs: restore() shuts those of `loaders` down when training
-    ends, and at exit any that are left are killed, as multiprocessing's exit would wait on them forever."""
+    """SIGTERM (preemption) and SIGUSR1 (SLURM's --signal) stop the run where it stands, its state saved. The
+    processes agree on the update through accelerate's trigger, an all-reduce (a host sync), every CHECK_EVERY
+    updates. Loader workers ignore these signals (wfas_data.Loaders); restore() shuts those of `loaders` down."""
     CHECK_EVERY = 10
-    exit_hook = False
 
     def __init__(self, *loaders):
-        self.signum, self.loaders = None, loaders
-        self.handled = (signal.SIGTERM, signal.SIGUSR1)
+        self.signum, self.loaders, self.handled = None, loaders, (signal.SIGTERM, signal.SIGUSR1)
         if threading.current_thread() is threading.main_thread():  # Python takes signals there only
             for signum in self.handled:
                 signal.signal(signum, self._handler)
-        if not StopOnSignal.exit_hook:  # registered after multiprocessing's exit hook, so it runs before it
-            atexit.register(StopOnSignal.end_loader_workers)
-            StopOnSignal.exit_hook = True
 
     def _handler(self, signum, frame):
         self.signum = signum
@@ -785,41 +681,15 @@ class StopOnSignal:
             accelerator.set_trigger()
         return accelerator.check_trigger()
 
-    def stop_if_requested(self, accelerator, latest_dir, state):
-        if self.requested(accelerator):
-            self.stop(latest_dir, state)
-
     def stop(self, latest_dir, state):
         signum = self.signum or signal.SIGTERM
         logger.info(f"Stopped by {signal.Signals(signum).name} at update {state['global_step']}; the resumable "
                     f"state is in {latest_dir}. To go on, run the same command with --resume_from_checkpoint latest")
         raise SystemExit(128 + signum)
 
-    @staticmethod
-    def shield_loader_worker(worker_id):
-        """A DataLoader worker_init_fn: a worker dies of SIGTERM by default, which would break the step the run
-        is finishing; workers ignore the stop signals and are shut down by their parent."""
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_IGN)
-
-    @staticmethod
-    def end_loader_workers():
-        """multiprocessing's exit terminates (SIGTERM) its daemonic children, loader workers, and waits for
-        them; at exit their work is over, so those that ignore SIGTERM are killed instead (without torch's
-        SIGCHLD handler, which would report each one as a failed worker)."""
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
-
     def restore(self):
-        """Back to the default actions: past the training loop, a signal should end the run at once. The
-        loaders' persistent workers are shut down as torch does when an iterator is dropped."""
-        for loader in self.loaders:
-            loader = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper
-            if getattr(loader, "_iterator", None) is not None:
-                loader._iterator._shutdown_workers()
-                loader._iterator = None
+        """Past the loop: the workers shut down, and a signal ends the run at once."""
+        wfas_data.Loaders.shut_down(*self.loaders)
         if threading.current_thread() is threading.main_thread():
             for signum in self.handled:
                 signal.signal(signum, signal.SIG_DFL)

@@ -1,14 +1,13 @@
-"""WFAS data: indexing, subject-disjoint splits, face crops, the face-crop cache and the evaluation protocol.
-
-Shared by train_stage1.py and train_stage2.py (which define their own train transforms) and tools/. Also a
-small command line:
+"""WFAS data: indexing, subject-disjoint splits, face crops, the face-crop cache, the loaders and the evaluation
+protocol, shared by train_stage1.py, train_stage2.py (which define their train transforms) and tools/.
 
     python wfas_data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
     python wfas_data.py cache --data_root DIR --output_dir EXP [--img_size 224]  # build the face cache ahead
+    (the same as python tools/data.py check|cache ...)
 
-Conventions used everywhere in the project: live = 1, spoof = 0, and a score is P(live).
+Conventions everywhere in the project: live = 1, spoof = 0, and a score is P(live).
 """
-import argparse
+import atexit
 import csv
 import datetime
 import functools
@@ -17,7 +16,9 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import socket
 import sys
 import time
@@ -34,21 +35,19 @@ try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its noteb
     from tqdm.auto import tqdm
 except ImportError:
     from tqdm import tqdm
-from torch.utils.flop_counter import FlopCounterMode
 
 LIVE, SPOOF = 1, 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-# What a file that was read but holds no decodable image raises (PIL reports truncated and unknown data as
-# OSError). Reading the file is a separate step, so a storage fault never lands here.
+# What a file that was read but does not decode raises (PIL: OSError for truncated or unknown data); reading is a
+# separate step, so a storage fault never lands here.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # An epoch in which more images than this cannot be decoded stops: the data, not a few files, is broken.
 MAX_UNDECODABLE_SHARE = 0.01
 
-# RetinaFace boxes are tight around the face. 1.5x brings in hair, ears and the surroundings where the
-# strongest attack cues live (paper edges, screen bezels, fingers holding a photo), while the face still
-# fills most of the input.
+# RetinaFace boxes are tight. 1.5x brings in the surroundings where the strongest attack cues live (paper edges,
+# screen bezels, fingers holding a photo), while the face still fills most of the input.
 DEFAULT_FACE_CROP_SCALE = 1.5
 
 
@@ -57,8 +56,8 @@ class UserError(Exception):
 
 
 class StorageError(UserError):
-    """A file the split lists that cannot be read (missing, no permission, a stale NFS handle, EIO): the
-    storage is at fault, not the image, so the run stops instead of training on what remains."""
+    """A listed file that cannot be read (missing, no permission, a stale NFS handle, EIO): the storage is at
+    fault, not the image, so the run stops instead of training on what remains."""
 
     def __init__(self, path, error):
         reason = error.strerror or str(error) or type(error).__name__
@@ -80,12 +79,11 @@ class PlainProgress:
     the first update (unless leave=False) and then every `interval` seconds, instead of a frame per update."""
 
     def __init__(self, iterable=None, total=None, initial=0, desc="", disable=False, leave=True, interval=60, **_):
-        self.iterable, self.desc, self.disable, self.interval = iterable, desc, disable, interval
+        self.iterable, self.desc, self.disable, self.interval, self.postfix = iterable, desc, disable, interval, {}
         self.first_line = leave  # a short-lived bar (leave=False) speaks only once it has run `interval`
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n = self.initial = initial
-        self.start = self.last = time.time()
-        self.postfix = {}
+        self.n, self.initial, self.start = initial, initial, time.time()
+        self.last = self.start
 
     def __iter__(self):
         for item in self.iterable:
@@ -107,7 +105,7 @@ class PlainProgress:
     def set_postfix(self, **postfix):
         self.postfix = postfix
 
-    def close(self):
+    def close(self):  # the lines stay
         pass
 
 
@@ -117,17 +115,13 @@ def progress_bar(iterable=None, **kwargs):
     return (tqdm if interactive else PlainProgress)(iterable, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Indexing
-# ----------------------------------------------------------------------------------------------------------
+# -- Indexing ----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class SampleTable:
-    """One row per image, held in numpy arrays rather than per-sample objects so that DataLoader workers
-    share the pages instead of slowly copying them (reference counts touch every Python object).
-
-    Strings are UTF-8 bytes (numpy 'S' arrays); ``path`` is relative to ``root``. The face boxes are read
-    from the bbox files once, when the table is made, so that loading an image never opens a .txt file."""
+    """One row per image in numpy arrays, not per-sample objects, so that loader workers share the pages instead
+    of copying them (reference counts touch every Python object). Strings are UTF-8 bytes; `path` is relative
+    to `root`. The boxes are read once, when the table is made: loading an image never opens a .txt file."""
     root: Path
     path: np.ndarray
     label: np.ndarray        # int8: LIVE / SPOOF, -1 when unlabelled
@@ -162,28 +156,24 @@ class SampleTable:
         return [a.decode() for a in self.attack_type]
 
 
-def _as_bytes_array(strings):
-    return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
-
-
 def _make_table(root, paths, labels, attack_types, subjects, has_bbox, box=None):
-    return SampleTable(root=Path(root), path=_as_bytes_array(paths), label=np.asarray(labels, dtype=np.int8),
-                       attack_type=_as_bytes_array(attack_types), subject=_as_bytes_array(subjects),
+    def as_bytes(strings):
+        return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
+    return SampleTable(root=Path(root), path=as_bytes(paths), label=np.asarray(labels, dtype=np.int8),
+                       attack_type=as_bytes(attack_types), subject=as_bytes(subjects),
                        has_bbox=np.asarray(has_bbox, dtype=bool), box=box)
 
 
 def read_boxes(root, paths, has_bbox=None, workers=16):
-    """The face box of every image from its bbox file, read once, in parallel (a network file system answers
-    many small reads at once far faster than one after another). Returns float32 [N, 4] (x1, y1, x2, y2 as in
-    the file), NaN where the file is missing or malformed. has_bbox, when known from the directory listing,
-    spares the opens of files that do not exist."""
+    """float32 [N, 4] face boxes (x1, y1, x2, y2; NaN without a usable bbox file), read in parallel: a network
+    file system answers many small reads at once far faster. has_bbox (from the listing) spares missing files."""
     boxes = np.full((len(paths), 4), np.nan, dtype=np.float32)
     wanted = [i for i in range(len(paths)) if has_bbox is None or has_bbox[i]]
     txt_paths = [Path(root, os.path.splitext(paths[i])[0] + ".txt") for i in wanted]
     with ThreadPoolExecutor(workers) as pool:
         points = pool.map(read_bbox, txt_paths, chunksize=256)
         for i, p in zip(wanted, progress_bar(points, total=len(wanted), desc="bbox files", leave=False,
-                                      disable=len(wanted) < 10_000)):
+                                             disable=len(wanted) < 10_000)):
             if p is not None:
                 boxes[i] = p[:2].reshape(-1)
     return boxes
@@ -229,15 +219,11 @@ def list_images(folder):
 def index_wfas(data_root):
     """Index Train/ of a WFAS release: Train/living/<subject>/ and Train/spoof/<attack type>/<subject>/."""
     root = resolve_data_root(data_root)
-    rows = []
-    living = root / "Train" / "living"
-    if living.is_dir():
-        rows += [(path, LIVE, LIVE_TYPE, subject, bbox) for path, subject, bbox in _walk_images(living, root)]
-    spoof = root / "Train" / "spoof"
-    if spoof.is_dir():
-        for attack_dir in sorted(p for p in spoof.iterdir() if p.is_dir()):
-            rows += [(path, SPOOF, attack_dir.name, subject, bbox)
-                     for path, subject, bbox in _walk_images(attack_dir, root)]
+    living, spoof = root / "Train" / "living", root / "Train" / "spoof"
+    attack_dirs = sorted(folder for folder in spoof.iterdir() if folder.is_dir()) if spoof.is_dir() else []
+    folders = ([(living, LIVE, LIVE_TYPE)] if living.is_dir() else []) + [(d, SPOOF, d.name) for d in attack_dirs]
+    rows = [(path, label, attack_type, subject, bbox) for folder, label, attack_type in folders
+            for path, subject, bbox in _walk_images(folder, root)]
     if not rows:
         raise UserError(f"no images found under {root / 'Train'}; expected Train/living/<subject>/*.jpg and "
                         "Train/spoof/<attack type>/<subject>/*.jpg")
@@ -246,9 +232,8 @@ def index_wfas(data_root):
 
 
 def index_labelled_list(list_file):
-    """Index a labelled list file: one `relative/path.jpg label [attack_type [subject]]` per line, label
-    1 = live. Paths are relative to the list file's folder; without a subject column a subject is the folder
-    that holds the image."""
+    """A labelled list: `relative/path.jpg label [attack_type [subject]]` per line (1 = live), paths relative to
+    the list's folder; without a subject column a subject is the folder that holds the image."""
     list_file = Path(list_file)
     root = list_file.parent
     paths, labels, attack_types, subjects = [], [], [], []
@@ -274,9 +259,7 @@ def index_labelled_list(list_file):
 def index_dataset(data_root):
     """Index a WFAS folder, or a labelled list file."""
     source = Path(data_root).expanduser()
-    if source.is_file():
-        return index_labelled_list(source)
-    return index_wfas(source)
+    return index_labelled_list(source) if source.is_file() else index_wfas(source)
 
 
 def unlabelled_table(root, paths):
@@ -286,39 +269,12 @@ def unlabelled_table(root, paths):
                        ~np.isnan(boxes[:, 0]), boxes)
 
 
-def find_prediction_lists(root):
-    """The unlabelled challenge lists shipped next to Train/: Dev/Dev.txt, Test/Test.txt."""
-    return [root / name / f"{name}.txt" for name in ("Dev", "Test") if (root / name / f"{name}.txt").is_file()]
-
-
-def read_prediction_list(list_file):
-    """Read an unlabelled challenge list (Dev.txt / Test.txt): the first token of each line names an image
-    in the list's folder or its data/ subfolder. Returns (image folder, names in list order)."""
-    list_file = Path(list_file).expanduser()
-    if not list_file.is_file():
-        raise UserError(f"list file {list_file} does not exist; expected e.g. WFAS/Dev/Dev.txt")
-    names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-    if not names:
-        raise UserError(f"list file {list_file} is empty")
-    # entries may also carry the set folder (dev/000001.jpg), relative to the list's parent
-    folders = (list_file.parent / "data", list_file.parent, list_file.parent.parent)
-    for folder in folders:
-        if (folder / names[0]).is_file():
-            return folder, names
-    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in "
-                    f"{', '.join(str(f) for f in folders)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Splits
-# ----------------------------------------------------------------------------------------------------------
+# -- Splits ------------------------------------------------------------------------------------------------------------
 
 def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
-    """Split by subject, stratified by attack type, deterministic for a seed.
-
-    Within each attack type the subjects are shuffled; each goes to val while val holds fewer images than
-    its share, then to test likewise, then to train. So val and test each get at least one subject of every
-    type with 3 or more, and the last subject always trains, so that no type is missing from train."""
+    """Split by subject, stratified by attack type, deterministic for a seed. Within a type the subjects are
+    shuffled; each goes to val while val holds fewer images than its share, then to test, then to train. So val
+    and test get a subject of every type with 3 or more, and the last subject trains: no type misses in train."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise UserError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
                         "and leave images for training (sum < 1)")
@@ -383,8 +339,8 @@ def read_split_csv(csv_path, root):
 
 
 def check_held_out_splits(table, source):
-    """Val and test must each hold live and spoof images: without both, ACER and the threshold are undefined.
-    Checked when the split is made, before hours of training find it out."""
+    """Val and test each need live and spoof images (else ACER and the threshold are undefined): checked when
+    the split is made, before hours of training find it out."""
     for name in ("val", "test"):
         labels = table.label[table.split == SPLITS.index(name)]
         num_live, num_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
@@ -422,9 +378,8 @@ def check_split_source(table, source, record_path, log=print):
 
 
 def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print):
-    """Return the table with its split, reusing OUTPUT_DIR/split.csv when it exists so that every run and
-    both stages see the same split; OUTPUT_DIR/split_source.json records the data it was made from. Call it
-    on the main process first (it writes the files)."""
+    """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
+    same split), else made and written with split_source.json, its data's record. Main process first."""
     source = Path(data_root).expanduser()
     root = source.parent if source.is_file() else resolve_data_root(source)
     csv_path = Path(output_dir) / "split.csv"
@@ -452,22 +407,17 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
 
 def describe_split(table):
     """One line per split: images, live, spoof, subjects."""
-    lines = []
-    for name in SPLITS:
-        part = table.of_split(name)
-        lines.append(f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
-                     f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects")
-    return "\n".join(lines)
+    parts = {name: table.of_split(name) for name in SPLITS}
+    return "\n".join(f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
+                     f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
+                     for name, part in parts.items())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Face crops and transforms
-# ----------------------------------------------------------------------------------------------------------
+# -- Face crops and transforms -----------------------------------------------------------------------------------------
 
 def read_bbox(txt_path):
-    """RetinaFace points from a bbox file (7 lines of `x y`: box left-top, box right-bottom, 5 landmarks),
-    as a (7, 2) float array, or None when the file is missing or malformed. Any other read error is a
-    storage fault and raises StorageError."""
+    """RetinaFace points of a bbox file (7 lines of `x y`: box left-top, right-bottom, 5 landmarks) as a (7, 2)
+    array, or None when it is missing or malformed; any other read error raises StorageError."""
     try:
         lines = Path(txt_path).read_text().split("\n")
     except (FileNotFoundError, UnicodeDecodeError):
@@ -478,15 +428,12 @@ def read_bbox(txt_path):
         points = np.array([[float(v) for v in line.split()] for line in lines if line.strip()], dtype=np.float64)
     except ValueError:
         return None
-    if points.shape != (7, 2) or not np.isfinite(points).all():
-        return None
-    return points
+    return points if points.shape == (7, 2) and np.isfinite(points).all() else None
 
 
 def face_crop_box(box, width, height, scale=DEFAULT_FACE_CROP_SCALE):
-    """The square crop around the face box (x1, y1, x2, y2), expanded by scale and kept inside the image.
-    Reversed, negative or out-of-image coordinates are normalised; no usable box (None or NaN) means the whole
-    image."""
+    """The square around the face box (x1, y1, x2, y2) times scale, kept inside the image; reversed, negative or
+    outside coordinates are normalised, and no usable box (None, NaN) means the whole image."""
     if box is not None and np.isfinite(box).all():
         x1, x2 = np.clip(sorted((box[0], box[2])), 0, width)
         y1, y2 = np.clip(sorted((box[1], box[3])), 0, height)
@@ -499,14 +446,9 @@ def face_crop_box(box, width, height, scale=DEFAULT_FACE_CROP_SCALE):
 
 
 def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0):
-    """Open an image, apply its EXIF orientation, and crop the face around box (from SampleTable.box; None:
-    the whole image).
-
-    With min_side, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale when the crop stays at least min_side
-    pixels wide: the decoder does that for free and it is several times faster than a full decode.
-
-    A file that cannot be read raises StorageError; one that was read but does not decode raises one of
-    DECODE_ERRORS."""
+    """The EXIF-oriented image, cropped around box (None: whole). With min_side, a large JPEG is decoded at 1/2,
+    1/4 or 1/8 scale (free in the decoder, several times faster) while the crop stays min_side wide. A file that
+    cannot be read raises StorageError; one that does not decode, one of DECODE_ERRORS."""
     image_path = Path(image_path)
     try:
         data = image_path.read_bytes()
@@ -533,17 +475,15 @@ def eval_transform(img_size):
 
 @functools.lru_cache(maxsize=8)
 def _device_constants(mean, std, device):
-    """mean, std and the luma weights as [1, 3, 1, 1] tensors on the device, made once: copying them from the
-    host every step would make the CPU wait for the device."""
+    """mean, std and the luma weights on the device, made once: a copy from the host every step would sync."""
     return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
                  for v in (mean, std, (0.299, 0.587, 0.114)))
 
 
 def to_model_input(images, mean, std, color_jitter=0.0):
-    """A uint8 batch [B, 3, H, W] on the device to the model's normalised float input. With color_jitter j,
-    each image gets its own brightness, contrast and saturation factors in [1 - j, 1 + j] (torchvision's
-    ColorJitter, batched): a few element-wise operations on the device instead of ~1 ms per image on a
-    loader's CPU."""
+    """A uint8 batch [B, 3, H, W] on the device to the model's normalised input. With color_jitter j, each image
+    gets brightness, contrast and saturation factors in [1 - j, 1 + j] (ColorJitter, batched): a few element-wise
+    operations on the device instead of ~1 ms per image on a loader's CPU."""
     x = images.float().div_(255)
     mean, std, gray_weights = _device_constants(tuple(mean), tuple(std), x.device)
     if color_jitter:
@@ -557,24 +497,16 @@ def to_model_input(images, mean, std, color_jitter=0.0):
 
 
 class FaceDataset(torch.utils.data.Dataset):
-    """Face crops of the images in a SampleTable, as uint8 tensors [3, img_size, img_size].
-
-    They come from a FaceCache when one is given (a small JPEG per face, read through a memory map), else
-    from the original photos (cropped around the table's boxes; no bbox file is opened).
-
-    transform: what a loader worker does to each crop, uint8 tensor in and out (default: eval_transform).
-    Each item is a dict: image, label, index, ok, error, error_kind. An image that cannot be decoded gives
-    ok=False, a zero image, the reason in error and error_kind "decode", so that a multi-hour run logs it and
-    carries on, and batch shapes stay equal across processes. A file that cannot be read at all has
-    error_kind "storage": the process that meets it stops the run (check_batch raises); an exception raised
-    in a loader worker would reach it as a traceback instead of one line. Strings stay on the CPU, so
-    checking them never waits for the device."""
+    """uint8 face crops [3, img_size, img_size] of a SampleTable's images, from a FaceCache when one is given,
+    else from the photos (around the table's boxes); transform is a worker's per-crop step (default:
+    eval_transform). Items: image, label, index, ok, error, error_kind. An undecodable image gives ok=False, a
+    zero image and error_kind "decode": the run logs it and goes on, with equal batch shapes on all processes.
+    An unreadable file gives "storage", and check_batch stops the run in one line (an exception raised in a
+    worker would reach it as a traceback). Strings stay on the CPU: checking them never waits for the device."""
 
     def __init__(self, table, img_size, transform=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
         self.root, self.path, self.label, self.box, self.row = table.root, table.path, table.label, table.box, table.row
-        self.img_size = img_size
-        self.face_crop_scale = face_crop_scale
-        self.cache = cache
+        self.img_size, self.face_crop_scale, self.cache = img_size, face_crop_scale, cache
         self.transform = transform or eval_transform(img_size)
 
     def __len__(self):
@@ -613,8 +545,8 @@ def check_batch(batch, log_warning):
 
 
 def check_undecodable_share(undecodable, seen):
-    """Stop when more than MAX_UNDECODABLE_SHARE of the images read so far (and at least 10) do not decode:
-    then the data is broken, not a few files, and training on what remains would hide it."""
+    """Stop when over MAX_UNDECODABLE_SHARE of the images read so far (and 10 or more) do not decode: then the
+    data is broken, not a few files, and training on what remains would hide it."""
     if undecodable >= 10 and undecodable > MAX_UNDECODABLE_SHARE * seen:
         raise UserError(f"{undecodable} of the {seen} images read so far cannot be decoded (over "
                         f"{MAX_UNDECODABLE_SHARE:.0%}): the data is damaged; `python wfas_data.py check --data_root "
@@ -622,15 +554,15 @@ def check_undecodable_share(undecodable, seen):
 
 
 def build_datasets(table, img_size, train_transform, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
-    """{'train', 'val', 'test'} datasets of a split table; only train is augmented, by train_transform. cache:
-    a FaceCache of this table, or None to read the original photos."""
+    """{'train', 'val', 'test'} datasets of a split table, train augmented by train_transform; cache: a
+    FaceCache of this table, or None for the photos."""
     return {name: FaceDataset(table.of_split(name), img_size, train_transform if name == "train" else None,
                               face_crop_scale, cache) for name in SPLITS}
 
 
 def default_loader_settings(num_workers=None):
-    """DataLoader settings that scale: the machine's cores shared by the processes on this node (at most 12
-    workers each), 4 batches prefetched per worker, pinned memory on CUDA."""
+    """The node's cores shared by its processes (at most 12 workers each), 4 batches prefetched per worker,
+    pinned memory on CUDA."""
     if num_workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = min(12, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
@@ -640,21 +572,65 @@ def default_loader_settings(num_workers=None):
     return settings
 
 
-def describe_loader(settings, cache):
-    return (f"Loader: {settings['num_workers']} workers per process"
-            + (f", {settings['prefetch_factor']} batches prefetched each" if settings.get("prefetch_factor") else "")
-            + (", pinned memory" if settings["pin_memory"] else "")
-            + (f"; face crops from the cache {cache.folder}" if cache else "; face crops from the original photos"))
+class Loaders:
+    """The training scripts' DataLoaders: default_loader_settings, workers that persist across epochs (as timm's)
+    and ignore SIGTERM and SIGUSR1 (schedulers signal every process of a job, and a worker that died of it would
+    break the step the run finishes before it saves). shut_down() ends them; at exit those left are killed, as
+    multiprocessing's exit would SIGTERM them, which they ignore, and wait forever."""
+    exit_hook = False
+
+    def __init__(self, batch_size, num_workers=None):
+        self.batch_size, self.settings = batch_size, default_loader_settings(num_workers)
+
+    def make(self, dataset, shuffle=False, batch_sampler=None):
+        """Shuffled train batches drop the last incomplete one; a batch_sampler gives the batches itself."""
+        if not Loaders.exit_hook:  # registered after multiprocessing's exit hook, so it runs before it
+            atexit.register(Loaders.end_workers)
+            Loaders.exit_hook = True
+        batching = dict(batch_sampler=batch_sampler) if batch_sampler else dict(
+            batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
+        loader = torch.utils.data.DataLoader(dataset, worker_init_fn=Loaders.ignore_stop_signals,
+                                             persistent_workers=self.settings["num_workers"] > 0, **batching,
+                                             **self.settings)
+        if len(loader) == 0:
+            raise UserError(f"{len(dataset)} images are fewer than one batch of {self.batch_size}; lower --batch_size")
+        return loader
+
+    def describe(self, cache):
+        return (f"Loader: {self.settings['num_workers']} workers per process"
+                + (f", {self.settings['prefetch_factor']} batches prefetched each" if self.settings["num_workers"]
+                   else "") + (", pinned memory" if self.settings["pin_memory"] else "")
+                + (f"; face crops from the cache {cache.folder}" if cache else "; face crops from the original photos"))
+
+    @staticmethod
+    def ignore_stop_signals(worker_id):
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+
+    @staticmethod
+    def shut_down(*loaders):
+        """Shut the persistent workers of (prepared) loaders down, as torch does when an iterator goes."""
+        for loader in loaders:
+            loader = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper
+            if getattr(loader, "_iterator", None) is not None:
+                loader._iterator._shutdown_workers()
+                loader._iterator = None
+
+    @staticmethod
+    def end_workers():
+        """At exit: kill the workers left (without torch's SIGCHLD handler, which would report each one)."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Face-crop cache
-# ----------------------------------------------------------------------------------------------------------
+# -- Face-crop cache ---------------------------------------------------------------------------------------------------
 
 FACE_CACHE_VERSION = 1
 FACE_CACHE_SHARD_SIZE = 4096  # images per shard file: the unit of a build's work and of its resume
-# JPEG at quality 90: about 15-20 KB per 256 px face here, so WFAS train (488k images) fits in ~10 GB of page
-# cache, and its loss is far below what RandomResizedCrop's resampling changes.
+# JPEG quality 90: 15-20 KB per 256 px face, so WFAS train (488k images) fits in ~10 GB of page cache, at a loss
+# far below what RandomResizedCrop's resampling changes.
 FACE_CACHE_QUALITY = 90
 
 
@@ -673,12 +649,10 @@ def face_cache_params(table, img_size, face_crop_scale):
 
 
 class FaceCache:
-    """Face crops of a table's images, resized to face_cache_size(img_size) and JPEG-encoded, in a few large
-    shard files that any number of processes on any number of nodes read at random through memory maps.
-
-    One folder holds one cache, named by a digest of its parameters (face_cache_params), so that a run with
-    other parameters builds its own. manifest.json is written last: a folder without it is a build in progress
-    or a killed one, which the next build resumes shard by shard, and is never read."""
+    """A table's face crops at face_cache_size(img_size), JPEG-encoded in a few large shard files that any number of
+    processes on any number of nodes read at random through memory maps. A folder holds one cache, named by a
+    digest of its parameters (a run with others builds its own). manifest.json is written last: a folder without
+    it (a build in progress, or a killed one, which the next build resumes) is never read."""
 
     def __init__(self, folder, params):
         self.folder = Path(folder)
@@ -765,10 +739,9 @@ def _write_shard(folder, shard, encoded, errors, process_index):
 
 def build_face_cache(table, cache_dir, img_size, face_crop_scale=DEFAULT_FACE_CROP_SCALE, workers=8,
                      process_index=0, num_processes=1, wait_for_everyone=lambda: None, log=print):
-    """The FaceCache of table's images under cache_dir: reused when built, else built, or a killed build
-    resumed. With several processes every one calls it with its process_index: each builds the shards k with
-    k % num_processes == process_index (so 64 processes build it 64 times faster), then the main process
-    writes the manifest. Images that cannot be decoded are recorded once, here."""
+    """The FaceCache of a table under cache_dir: reused, built, or a killed build resumed. Every process calls it
+    and builds the shards k with k % num_processes == process_index (64 processes build it 64 times faster);
+    then the main process writes the manifest. Undecodable images are recorded once, here."""
     params = face_cache_params(table, img_size, face_crop_scale)
     folder = Path(cache_dir) / hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     if not (folder / "manifest.json").is_file():
@@ -838,25 +811,21 @@ def _write_manifest(folder, num_shards, params, log):
         f"({num_bytes / max(num_images, 1) / 1024:.1f} KiB per image), {len(undecodable)} undecodable")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation protocol
-# ----------------------------------------------------------------------------------------------------------
+# -- Evaluation protocol -----------------------------------------------------------------------------------------------
 
 def check_scores(scores):
     """Scores as float64, refusing NaN: sorted, a NaN would pass for the highest score in AUC and EER."""
     scores = np.asarray(scores, dtype=np.float64)
-    num_nan = int(np.isnan(scores).sum())
-    if num_nan:
+    if num_nan := int(np.isnan(scores).sum()):
         raise UserError(f"{num_nan} of {len(scores)} scores are NaN: the model's outputs are not finite (training "
                         "diverged); lower --learning_rate, or use bf16 rather than fp16 mixed precision")
     return scores
 
 
 def candidate_thresholds(scores, labels):
-    """Every distinct decision on these scores: thresholds halfway between adjacent distinct scores (and
-    below the lowest, above the highest), never on a score, so that a decision at a threshold does not hang
-    on how a score was rounded in a file. Returns the thresholds, ascending, and the errors at each counted in
-    images: spoof images accepted (score >= t) and live images rejected (score < t)."""
+    """Every distinct decision: thresholds halfway between adjacent distinct scores (and past both ends), never on
+    a score, so that no decision hangs on a file's rounding. Returns them ascending, with the errors at each in
+    images: spoof accepted (score >= t), live rejected (score < t)."""
     scores, labels = check_scores(scores), np.asarray(labels)
     live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
     distinct = np.unique(scores)
@@ -870,48 +839,12 @@ def candidate_thresholds(scores, labels):
 def eer_threshold(scores, labels):
     """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
     labels = np.asarray(labels)
-    num_live, num_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
-    if num_live == 0 or num_spoof == 0:
+    if not (num_live := int((labels == LIVE).sum())) or not (num_spoof := int((labels == SPOOF).sum())):
         return 0.5
     candidates, spoof_accepted, live_rejected = candidate_thresholds(scores, labels)
     apcer, bpcer = spoof_accepted / num_spoof, live_rejected / num_live
     best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
     return float(candidates[best])
-
-
-# The WFAS challenge accepts a single model of at most this many GFLOPs per image.
-CHALLENGE_GFLOPS_LIMIT = 5.0
-
-# The error rates a deployer may afford: a threshold is fitted on val for each, and test is scored at it.
-OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
-
-
-def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
-    """For each (error, target) of targets, the val threshold that keeps that error at or below the target
-    with the other error as low as it goes (BPCER <= 1%: the highest such threshold; APCER <= 1%: the lowest),
-    and the val and test APCER/BPCER at it.
-
-    A target below 1/(images of that class on val) cannot be told apart from 0 there: such a point is fitted
-    to no error on val at all and flagged resolved=False."""
-    val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
-    if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
-        return []
-    candidates, spoof_accepted, live_rejected = candidate_thresholds(val_scores, val_labels)
-    num_live, num_spoof = int((val_labels == LIVE).sum()), int((val_labels == SPOOF).sum())
-    points = []
-    for error, target in targets:
-        # errors compared in images (as rates, 1 - 99/100 exceeds 1%); 1e-9: 0.29 * 100 is 28.999999999999996
-        if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
-            num_class, index = num_live, np.flatnonzero(live_rejected <= target * num_live + 1e-9)[-1]
-        else:  # APCER falls as the threshold grows: the lowest one within the target
-            num_class, index = num_spoof, np.flatnonzero(spoof_accepted <= target * num_spoof + 1e-9)[0]
-        threshold = float(candidates[index])
-        test = compute_error_rates(test_scores, test_labels, threshold)
-        points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
-                       "threshold": threshold, "val_apcer": float(spoof_accepted[index] / num_spoof),
-                       "val_bpcer": float(live_rejected[index] / num_live), "test_apcer": test["apcer"],
-                       "test_bpcer": test["bpcer"], "resolved": bool(num_class * target >= 1)})
-    return points
 
 
 def compute_error_rates(scores, labels, threshold):
@@ -922,42 +855,24 @@ def compute_error_rates(scores, labels, threshold):
             "bpcer": float((~predicted_live[live]).mean()) if live.any() else float("nan")}
 
 
-def format_operating_points(points):
-    """A table to log: one line per target."""
-    lines = ["operating points (threshold fitted on val; test scored at it):"]
-    for p in points:
-        lines.append(f"  {p['target']:>10}: threshold {p['threshold']:.6f}  val APCER {p['val_apcer']:.4f} BPCER "
-                     f"{p['val_bpcer']:.4f}  test APCER {p['test_apcer']:.4f} BPCER {p['test_bpcer']:.4f}"
-                     + ("" if p["resolved"] else "  (val too small to resolve this target)"))
-    return "\n".join(lines)
-
-
 def roc_auc(scores, labels):
     """Probability that a live image scores above a spoof image (ties count half)."""
     scores, labels = check_scores(scores), np.asarray(labels)
     n_live, n_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
     if n_live == 0 or n_spoof == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    order, ranks = np.argsort(scores, kind="mergesort"), np.empty(len(scores))
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # tied scores share their mean rank
     return float((ranks[labels == LIVE].sum() - n_live * (n_live + 1) / 2) / (n_live * n_spoof))
 
 
 def compute_metrics(scores, labels, attack_types, threshold=None):
-    """WFAS metrics for P(live) scores. A sample is predicted live when score >= threshold; without a
-    threshold, the EER point of these scores is used (do that on val, never on test).
-
-    Returns threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack and worst_apcer."""
-    scores = check_scores(scores)
-    labels = np.asarray(labels)
-    attack_types = np.asarray(attack_types).astype(str)
+    """WFAS metrics of P(live) scores, live when score >= threshold (default: these scores' EER point; fit it
+    on val, never on test): threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer."""
+    scores, labels, attack_types = check_scores(scores), np.asarray(labels), np.asarray(attack_types).astype(str)
     eer_point = eer_threshold(scores, labels)
-    if threshold is None:
-        threshold = eer_point
+    threshold = eer_point if threshold is None else threshold
     predicted_live = scores >= threshold
     rates, eer_rates = compute_error_rates(scores, labels, threshold), compute_error_rates(scores, labels, eer_point)
     apcer, bpcer = rates["apcer"], rates["bpcer"]
@@ -985,9 +900,8 @@ def format_metrics(metrics):
 
 @torch.no_grad()
 def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predicting", log_warning=print):
-    """P(spoof), P(live) for every image of loader, each counted once across processes (a model that returns a
-    tuple, as the stage 2 student does, gives its logits first). Returns (probs [N, 2], dataset indices [N],
-    decoded-ok mask [N]) on every process."""
+    """(probs [N, 2], dataset indices [N], decoded-ok mask [N]) of every image of loader, each once across the
+    processes, on every process. A model that returns a tuple (the stage 2 student) gives its logits first."""
     model.eval()
 
     def probabilities(images):
@@ -1012,8 +926,8 @@ def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predic
 
 def evaluate(model, loader, split_table, accelerator, mean, std, threshold=None, tta=False, desc="val",
              log_warning=print):
-    """Loss and metrics of one split, at the EER point of these scores unless a threshold is given. Returns
-    (metrics, (paths, labels, attack types, scores) of its decodable images in dataset order)."""
+    """(loss and metrics of a split at threshold, or its EER point; (paths, labels, attack types, scores) of its
+    decodable images in dataset order)."""
     probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
     order = np.argsort(indices[ok], kind="stable")
     probs, indices = probs[ok][order], indices[ok][order]
@@ -1025,8 +939,7 @@ def evaluate(model, loader, split_table, accelerator, mean, std, threshold=None,
 
 
 def write_predictions(path, paths, labels, attack_types, scores):
-    """path,label,attack_type,score; scores exactly as computed, so that the metrics recomputed from the file
-    at the reported threshold are the reported ones."""
+    """path,label,attack_type,score, the scores exact: the file reproduces the reported metrics."""
     tmp = aside(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -1035,42 +948,14 @@ def write_predictions(path, paths, labels, attack_types, scores):
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def compute_budget(net, model_name, img_size):
-    """Parameters and multiply-accumulates (MACs) of one image's forward pass, counted by torch's FLOP counter
-    (convolutions, matmuls and attention, as timm's published GMACs), against the challenge's limit."""
-    training = net.training
-    net.eval()
-    with FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, 3, img_size, img_size, device=next(net.parameters()).device))
-    net.train(training)
-    gflops = counter.get_total_flops() / 1e9  # the counter counts a multiply-accumulate as 2 FLOPs
-    gmacs, limit = gflops / 2, CHALLENGE_GFLOPS_LIMIT
-    # "FLOPs" in papers and model cards are often MACs: say what holds under each reading
-    if gflops <= limit:
-        within, verdict = "yes", f"within the challenge's single-model limit of {limit:g} GFLOPs"
-    elif gmacs <= limit:
-        within, verdict = "as MACs only", (f"within the challenge's {limit:g} GFLOPs limit only if FLOPs are read "
-                                           "as multiply-accumulates (as timm's tables do), over it at 2 FLOPs each")
-    else:
-        within, verdict = "no", f"over the challenge's single-model limit of {limit:g} GFLOPs however FLOPs are counted"
-    return {"model_name": model_name, "img_size": img_size,
-            "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "gmacs": gmacs, "gflops": gflops,
-            "within_challenge_limit": within,
-            "challenge_limit": f"{model_name} at {img_size}x{img_size}: {gmacs:.3g} GMACs = {gflops:.3g} GFLOPs, "
-                               f"{verdict}."}
-
-
 def aside(path):
-    """A temporary name next to path, unique to this process, so that writers on several nodes of a shared
-    file system never write into each other's file before the rename."""
+    """A temporary name next to path, unique to this process: writers on several nodes never share a file."""
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def write_json(path, data):
     """Write JSON aside and rename it into place, so a kill never leaves a half-written file."""
-    path = Path(path)
-    tmp = aside(path)
+    tmp = aside(Path(path))
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -1080,14 +965,11 @@ def format_score(score):
     return repr(float(score))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# summary.csv: one row per epoch (plots and report.md: tools/report.py)
-# ----------------------------------------------------------------------------------------------------------
+# -- summary.csv: one row per epoch (plots and report.md: tools/report.py) ---------------------------------------------
 
 def write_summary_row(path, row):
-    """Add one epoch's row to a summary.csv (as timm's train.py keeps one), written aside and renamed. Rows of
-    this epoch or later from an earlier run that was resumed before them are dropped, so a resume never leaves
-    an epoch twice."""
+    """One epoch's row added to a summary.csv (as timm's train.py keeps one), written aside and renamed. A resumed
+    run drops the rows of this epoch and later: no epoch is there twice."""
     path = Path(path)
     rows = []
     if path.is_file():
@@ -1103,117 +985,9 @@ def write_summary_row(path, row):
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# check: a dataset summary to read before a multi-day job
-# ----------------------------------------------------------------------------------------------------------
-
-def _can_decode(path):
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise StorageError(path, error) from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        return True
-    except DECODE_ERRORS:
-        return False
-
-
-def check_dataset(data_root, verify_images=False, workers=16):
-    table = index_dataset(data_root)
-    root = table.root
-    image_files = [root / p for p in table.paths()]
-    missing = int((~table.has_bbox).sum())  # counted by the one pass over the bbox files that indexing makes
-    bad = int((table.has_bbox & np.isnan(table.box[:, 0])).sum())
-    attack_types = {a.decode(): int(n) for a, n in zip(*np.unique(table.attack_type[table.label == SPOOF],
-                                                                   return_counts=True))}
-    summary = {
-        "data_root": str(root),
-        "num_images": len(table),
-        "num_live": int((table.label == LIVE).sum()),
-        "num_spoof": int((table.label == SPOOF).sum()),
-        "num_subjects": int(len(np.unique(np.char.add(table.attack_type, table.subject)))),
-        "attack_types": attack_types,
-        "missing_bbox": missing,
-        "bad_bbox": bad,
-        "prediction_lists": {str(p.relative_to(root)): len(read_prediction_list(p)[1])
-                             for p in find_prediction_lists(root)},
-    }
-    if verify_images:
-        with ThreadPoolExecutor(workers) as pool:
-            decodable = list(progress_bar(pool.map(_can_decode, image_files, chunksize=64), total=len(image_files),
-                                  desc="decoding images"))
-        summary["unreadable"] = [p for p, ok in zip(table.paths(), decodable) if not ok]
-    return summary
-
-
-def print_summary(summary):
-    print(f"WFAS data at {summary['data_root']}")
-    print(f"  images     {summary['num_images']:>9}   live {summary['num_live']}, spoof {summary['num_spoof']}")
-    print(f"  subjects   {summary['num_subjects']:>9}")
-    print("  attack types:")
-    for name, count in summary["attack_types"].items():
-        print(f"    {name:<24}{count:>9}")
-    print(f"  images without a bbox file   {summary['missing_bbox']} (the whole image is used)")
-    print(f"  malformed bbox files         {summary['bad_bbox']} (the whole image is used)")
-    lists = summary["prediction_lists"]
-    print("  lists to predict: " + (", ".join(f"{k} ({v} images)" for k, v in lists.items()) or "none found"))
-    if "unreadable" in summary:
-        print(f"  unreadable images            {len(summary['unreadable'])}")
-        for path in summary["unreadable"][:20]:
-            print(f"    {path}")
-        if len(summary["unreadable"]) > 20:
-            print(f"    ... and {len(summary['unreadable']) - 20} more (see --json)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="summarise a dataset before a long run")
-    check.add_argument("--data_root", required=True, help="WFAS folder (holding Train/), Train/ itself, or a "
-                                                          "labelled list file")
-    check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    check.add_argument("--verify_images", action="store_true", help="also decode every image")
-    check.add_argument("--workers", type=int, default=16, help="threads for reading files")
-    cache = commands.add_parser("cache", help="build the face-crop cache of an experiment's split ahead of time "
-                                              "(e.g. on a CPU node), as the training scripts would")
-    cache.add_argument("--data_root", required=True, help="as for train_stage1.py")
-    cache.add_argument("--output_dir", required=True, help="the experiment folder (its split.csv is made if missing)")
-    cache.add_argument("--img_size", type=int, default=224, help="the model input size the cache is for")
-    cache.add_argument("--face_crop_scale", type=float, default=DEFAULT_FACE_CROP_SCALE)
-    cache.add_argument("--face_cache_dir", help="default: OUTPUT_DIR/face_cache")
-    cache.add_argument("--val_fraction", type=float, default=0.1)
-    cache.add_argument("--test_fraction", type=float, default=0.1)
-    cache.add_argument("--seed", type=int, default=42, help="the split's seed (train_stage1.py's default)")
-    cache.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding and encoding")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.command == "cache":
-        table = load_or_create_split(args.data_root, args.output_dir, args.val_fraction, args.test_fraction,
-                                     args.seed)
-        start = time.time()
-        cache = build_face_cache(table, args.face_cache_dir or Path(args.output_dir) / "face_cache", args.img_size,
-                                 args.face_crop_scale, args.workers)
-        seconds = time.time() - start
-        print(f"Face cache {cache.folder}: {len(cache)} images, {cache.num_bytes / 2**30:.2f} GiB "
-              f"({cache.num_bytes / len(cache) / 1024:.1f} KiB per image), {len(cache.undecodable)} undecodable, "
-              + (f"built in {seconds:.0f} s ({len(cache) / seconds:.0f} img/s)" if cache.built_now
-                 else "already built"))
-    else:
-        summary = check_dataset(args.data_root, args.verify_images, args.workers)
-        if args.json:
-            print(json.dumps(summary, indent=2))
-        else:
-            print_summary(summary)
-
+# -- Command line: `check` and `cache` are tools/data.py's, which training never runs ----------------------------------
 
 if __name__ == "__main__":
-    run_cli(main)
+    import wfas_data  # the module tools/ import: the UserError they raise is its own, not __main__'s
+    from tools import data
+    wfas_data.run_cli(data.main)

@@ -4,11 +4,11 @@ of one costs on this CPU.
     python benchmarks/benchmark_deployment.py budget [MODEL[@SIZE] ...]     # a markdown table
     python benchmarks/benchmark_deployment.py export maxvit_base_tf_224 [--img_size 224] [--onnx_tolerance 1e-4]
 
-budget: parameters, GMACs and GFLOPs (2 x MACs) of one image's forward pass, counted by the stage scripts'
-compute_budget (torch's FLOP counter), for the recipe's models and smaller ones of the same families.
+budget: parameters, GMACs and GFLOPs (2 x MACs) of one image's forward pass, counted by
+tools/models.compute_budget (torch's FLOP counter), for the recipe's models and smaller ones of the same families.
 
 export: a randomly initialised checkpoint of the model, written as train_stage2.py writes its best one, goes
-through `train_stage2.py --export_onnx` (export, metadata, onnxruntime parity on 64 generated crops, img/s of
+through `tools/export_onnx.py` (export, metadata, onnxruntime parity on 64 generated crops, img/s of
 both). Random weights change neither the graph nor the speed, but they can make a deep model numerically chaotic:
 the floor of any fp32 parity check is printed first, the largest difference between the PyTorch model's own fp32
 and fp64 P(live) on 8 generated crops. Parity on trained weights is checked on val images by every real export."""
@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import train_stage2  # noqa: E402
 import wfas_data  # noqa: E402
+from tools import models  # noqa: E402
 
 DEFAULT_MODELS = [
     "convnext_base", "maxvit_base_tf_224",  # the recipe's teacher and student
@@ -37,21 +37,21 @@ DEFAULT_MODELS = [
 ]
 
 
-def budget(models):
+def budget(specs):
     print("| model | input | params (M) | GMACs | GFLOPs | within 5 GFLOPs |")
     print("|---|---|---|---|---|---|")
-    for spec in models:
+    for spec in specs:
         model_name, _, size = spec.partition("@")
-        net = train_stage2.create_model(model_name, int(size) if size else None)
+        net = models.create_model(model_name, int(size) if size else None)
         img_size = int(size) if size else net.pretrained_cfg["input_size"][-1]
-        b = train_stage2.compute_budget(net, model_name, img_size)
+        b = models.compute_budget(net, model_name, img_size)
         print(f"| {model_name} | {img_size} | {b['params_m']:.1f} | {b['gmacs']:.2f} | {b['gflops']:.2f} | "
               f"{b['within_challenge_limit']} |", flush=True)
 
 
 def export(model_name, img_size, tolerance):
     torch.manual_seed(0)
-    net = train_stage2.create_model(model_name, img_size).eval()
+    net = models.create_model(model_name, img_size).eval()
     img_size = img_size or net.pretrained_cfg["input_size"][-1]
     crops = torch.randint(0, 256, (8, 3, img_size, img_size), dtype=torch.uint8)
     config = timm.data.resolve_data_config({}, model=net)
@@ -67,7 +67,7 @@ def export(model_name, img_size, tolerance):
                     "val_metrics": json.dumps({"threshold": 0.5})}
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, checkpoint, metadata=metadata)
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, str(REPO / "train_stage2.py"), "--export_onnx", "--checkpoint",
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "export_onnx.py"), "--checkpoint",
                                  str(checkpoint), "--output_dir", tmp, "--onnx_tolerance", str(tolerance)],
                                 capture_output=True, text=True)
         seconds = time.perf_counter() - start

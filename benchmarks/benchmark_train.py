@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import wfas_data  # noqa: E402
-from tools import make_demo  # noqa: E402
+from tools import make_demo, models  # noqa: E402
 
 STAGES = {1: ("convnext_atto", train_stage1), 2: ("maxvit_rmlp_pico_rw_256", train_stage2)}
 
@@ -92,7 +92,7 @@ def cuda_figures(stage, args):
     kwargs = {"img_size": args.img_size} if stage == 2 else {}
     batch = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device="cuda")
     labels = torch.randint(0, 2, (args.batch_size,), device="cuda")
-    flops = wfas_data.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name,
+    flops = models.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name,
                                      args.img_size)["gflops"] * 1e9 * 3  # forward + backward, per image
     for name, dtype, channels_last, compiled in (("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
                                                  ("bf16 channels_last", torch.bfloat16, True, False),

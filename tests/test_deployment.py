@@ -14,7 +14,7 @@ import torch
 from conftest import launch_two_processes, run_script
 import train_stage2
 import wfas_data
-from tools import common, export_onnx, predict
+from tools import common, export_onnx, models, predict, report
 from wfas_data import UserError
 
 
@@ -257,7 +257,7 @@ def test_operating_points_against_a_hand_computation():
     spoof, live = np.arange(100) / 200, 0.3025 + np.arange(100) / 200
     scores, labels = np.concatenate([spoof, live]), np.array([0] * 100 + [1] * 100)
     test_scores, test_labels = np.array([0.1, 0.31, 0.9, 0.2, 0.5]), np.array([0, 0, 0, 1, 1])
-    points = {p["target"]: p for p in wfas_data.operating_points(scores, labels, test_scores, test_labels)}
+    points = {p["target"]: p for p in report.operating_points(scores, labels, test_scores, test_labels)}
     assert list(points) == ["BPCER 1%", "BPCER 0.1%", "APCER 1%", "APCER 0.1%"]
 
     # BPCER <= 1%: one live image of 100 may fall below; the highest such threshold lies between the 2nd
@@ -294,13 +294,13 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
     def column(split, name, kind):
         return np.array([kind(r[name]) for r in rows[split]])
 
-    expected = wfas_data.operating_points(column("val", "score", float), column("val", "label", int),
-                                          column("test", "score", float), column("test", "label", int))
+    expected = report.operating_points(column("val", "score", float), column("val", "label", int),
+                                       column("test", "score", float), column("test", "label", int))
     assert final["operating_points"] == expected and len(expected) == 4
-    report = (exp / "report.md").read_text()
-    assert "## Operating points of the student" in report
+    text = (exp / "report.md").read_text()
+    assert "## Operating points of the student" in text
     for point in expected:
-        assert f"| {point['target']} | {point['threshold']:.6f} |" in report
+        assert f"| {point['target']} | {point['threshold']:.6f} |" in text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
 ])
 def test_compute_budget_matches_timms_published_figures(model_name, params_m, gmacs, within):
     net = timm.create_model(model_name)  # the 1000-class head, as published
-    budget = wfas_data.compute_budget(net, model_name, 224)
+    budget = models.compute_budget(net, model_name, 224)
     assert budget["params_m"] == pytest.approx(params_m, rel=0.01)
     assert budget["gmacs"] == pytest.approx(gmacs, rel=0.03)
     assert budget["gflops"] == pytest.approx(2 * budget["gmacs"])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_STAGE1, launch_two_processes
 import train_stage1
+from tools import models
 import wfas_data
 from wfas_data import UserError
 
@@ -119,7 +120,7 @@ def test_an_undecodable_image_is_recorded_once_at_build_time(demo_root, tmp_path
 def test_predictions_and_training_with_and_without_the_cache_agree(stage1_run, demo_root, tmp_path):
     exp, results = stage1_run
     table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
-    model = train_stage1.create_model("convnext_atto")
+    model = models.create_model("convnext_atto")
     model.load_state_dict(load_file(exp / "checkpoints" / "stage1" / "stage1_best.safetensors"))
     model.eval()
     cache = build(table, exp / "face_cache")

@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths, two_process_command
 import train_stage1
+from tools import models
 import wfas_data
 from wfas_data import UserError
 
@@ -117,7 +118,7 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     save_file(source.state_dict(), tmp_path / "weights.safetensors")
     args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto", "--pretrained_file",
                                     str(tmp_path / "weights.safetensors"), "--output_dir", str(tmp_path)])
-    model = train_stage1.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
+    model = models.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
     assert model.get_classifier().out_features == 2
 
@@ -128,7 +129,7 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto",
                                     "--output_dir", str(tmp_path / "EXP")])
     assert args.model_cache_dir == str(cache)
-    model = train_stage1.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
+    model = models.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
 
 
@@ -253,11 +254,11 @@ def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_p
 def test_a_mid_epoch_resume_counts_images_across_world_sizes():
     state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
     # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
-    assert train_stage1.resume_position(state, 8, 4, 1, 10) == (3, 33)
-    assert train_stage1.resume_position(state, 8, 2, 1, 20) == (6, 66)
-    assert train_stage1.resume_position(state, 8, 1, 2, 20) == (12, 66)
+    assert train_stage1.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
+    assert train_stage1.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
+    assert train_stage1.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
     with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
-        train_stage1.resume_position(state, 8, 5, 1, 10)
+        train_stage1.Checkpoints.position(state, 8, 5, 1, 10)
 
 
 AUGMENTATION_PROBE = """
@@ -348,9 +349,9 @@ def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(stage
     ckpt = tmp_path / "checkpoints" / "stage1"
     shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.tmp")
     shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.old-1")
-    assert train_stage1.resolve_resume("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.tmp"
+    assert train_stage1.Checkpoints.resolve("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.tmp"
     (ckpt / "stage1_latest.tmp" / "training_state.json").unlink()  # killed while writing .tmp: the old one
-    assert train_stage1.resolve_resume("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.old-1"
+    assert train_stage1.Checkpoints.resolve("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.old-1"
 
 
 def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):

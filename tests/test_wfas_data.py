@@ -1,7 +1,10 @@
 import io
-import shutil
 import json
+import os
+import shutil
+import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from PIL import Image
 from conftest import run_script
 import train_stage1
 import wfas_data
-from tools import make_demo
+from tools import common, data, make_demo
 from wfas_data import LIVE, SPOOF, UserError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -253,7 +256,7 @@ def test_check_json_summary_and_verify_images(demo_root, tmp_path):
     root = make_tree(tmp_path / "WFAS")
     (root / "Train" / "living" / "s1" / "1.jpg").write_bytes(b"not a jpeg")
     (root / "Train" / "living" / "s2" / "0.txt").write_text("garbage\n")
-    summary = wfas_data.check_dataset(root, verify_images=True)
+    summary = data.check_dataset(root, verify_images=True)
     assert summary["unreadable"] == ["Train/living/s1/1.jpg"]
     assert summary["bad_bbox"] == 1 and summary["missing_bbox"] == 0
     text = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(root)]).stdout
@@ -277,7 +280,7 @@ def test_make_demo_writes_the_wfas_layout(tmp_path):
     names = (root / "Dev" / "Dev.txt").read_text().split()
     assert all((root / "Dev" / "data" / n).is_file() and (root / "Dev" / "data" / n).with_suffix(".txt").is_file()
                for n in names)
-    folder, listed = wfas_data.read_prediction_list(root / "Test" / "Test.txt")
+    folder, listed = common.read_prediction_list(root / "Test" / "Test.txt")
     assert folder == root / "Test" / "data" and len(listed) == 24
 
 
@@ -306,11 +309,11 @@ def test_prediction_list_entries_may_carry_the_set_folder(tmp_path):
     (tmp_path / "dev").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "dev" / "000001.jpg")
     (tmp_path / "dev" / "dev.txt").write_text("dev/000001.jpg\n")
-    folder, names = wfas_data.read_prediction_list(tmp_path / "dev" / "dev.txt")
+    folder, names = common.read_prediction_list(tmp_path / "dev" / "dev.txt")
     assert folder == tmp_path and names == ["dev/000001.jpg"]
     with pytest.raises(UserError, match="cannot find"):
         (tmp_path / "dev" / "other.txt").write_text("missing.jpg\n")
-        wfas_data.read_prediction_list(tmp_path / "dev" / "other.txt")
+        common.read_prediction_list(tmp_path / "dev" / "other.txt")
 
 
 # ---------------------------------------------------------------------------------------------- hardening
@@ -394,3 +397,31 @@ def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisi
     assert np.array_equal(read_back, scores)
     again = wfas_data.compute_metrics(read_back, labels, ["live" if label else "x" for label in labels], threshold)
     assert again == exact
+
+
+class WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_loader_workers_persist_across_epochs_ignore_stop_signals_and_shut_down():
+    loader = wfas_data.Loaders(batch_size=2, num_workers=1).make(WorkerPid())
+    first = {int(pid) for batch in loader for pid in batch}
+    assert len(first) == 1 and first != {os.getpid()}
+    worker = first.pop()
+    os.kill(worker, signal.SIGTERM)  # a scheduler signals every process of the job, workers too
+    assert {int(pid) for batch in loader for pid in batch} == {worker}  # the next epoch: the same worker, alive
+    wfas_data.Loaders.shut_down(loader)
+    assert loader._iterator is None
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # shut down: the process is gone (joined)
+            os.kill(worker, 0)
+            time.sleep(0.05)
+
+
+def test_a_loader_with_fewer_images_than_a_batch_is_a_clear_error():
+    with pytest.raises(UserError, match="fewer than one batch of 8; lower --batch_size"):
+        wfas_data.Loaders(batch_size=8, num_workers=0).make(WorkerPid(), shuffle=True)

@@ -1,4 +1,6 @@
-"""What the tools share: loading a trained checkpoint, logging, and scoring a table of unlabelled images."""
+"""What the tools share: the challenge lists, picking and loading a trained checkpoint, logging, and scoring a
+table of unlabelled images."""
+import argparse
 import json
 import logging
 import sys
@@ -11,11 +13,44 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_stage1  # noqa: E402  (its create_model builds either stage's network)
 import wfas_data  # noqa: E402
+from tools import models  # noqa: E402
 from wfas_data import UserError  # noqa: E402
 
 RESULTS = {1: "stage1_results.json", 2: "final_results.json"}
+
+
+def find_prediction_lists(root):
+    """The unlabelled challenge lists shipped next to Train/: Dev/Dev.txt, Test/Test.txt."""
+    return [root / name / f"{name}.txt" for name in ("Dev", "Test") if (root / name / f"{name}.txt").is_file()]
+
+
+def read_prediction_list(list_file):
+    """Read an unlabelled challenge list (Dev.txt / Test.txt): the first token of each line names an image
+    in the list's folder or its data/ subfolder. Returns (image folder, names in list order)."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise UserError(f"list file {list_file} does not exist; expected e.g. WFAS/Dev/Dev.txt")
+    names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"list file {list_file} is empty")
+    # entries may also carry the set folder (dev/000001.jpg), relative to the list's parent
+    folders = (list_file.parent / "data", list_file.parent, list_file.parent.parent)
+    for folder in folders:
+        if (folder / names[0]).is_file():
+            return folder, names
+    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in "
+                    f"{', '.join(str(f) for f in folders)}")
+
+
+def checkpoint_parser(description):
+    """A tool's parser with the flags that pick a trained checkpoint: --output_dir, --stage, --checkpoint."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="output", help="the experiment folder (default: output)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="whose best checkpoint (default: 2)")
+    parser.add_argument("--checkpoint", help="a .safetensors written by either stage (default: EXP/checkpoints/"
+                                             "stageN/stageN_best.safetensors)")
+    return parser
 
 
 def setup_logging():
@@ -48,7 +83,7 @@ def load_checkpoint(checkpoint, output_dir, stage=2):
             metadata[key] = json.loads(value)
         except json.JSONDecodeError:  # plain strings, such as the model name
             metadata[key] = value
-    net = train_stage1.create_model(metadata["model_name"], int(metadata["img_size"]))
+    net = models.create_model(metadata["model_name"], int(metadata["img_size"]))
     try:
         net.load_state_dict(load_file(checkpoint))
     except RuntimeError as error:

@@ -9,7 +9,6 @@ Input face_crops: uint8 [batch, 3, H, W] RGB; output p_live: float32 [batch]. No
 the crop recipe, threshold and compute budget are in its metadata (see the README). Needs
 `pip install onnx onnxscript onnxruntime`; the checkpoint's metadata names the model.
 """
-import argparse
 import inspect
 import json
 import logging
@@ -24,18 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wfas_data  # noqa: E402
-from tools import common  # noqa: E402
+from tools import common, models  # noqa: E402
 from wfas_data import LIVE, UserError  # noqa: E402
 
 logger = logging.getLogger("export_onnx")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="output", help="the experiment folder (default: output)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="whose best checkpoint (default: 2)")
-    parser.add_argument("--checkpoint", help="a .safetensors written by either stage (default: EXP/checkpoints/"
-                                             "stageN/stageN_best.safetensors)")
+    parser = common.checkpoint_parser(__doc__)
     parser.add_argument("--onnx_tolerance", type=float, default=1e-4,
                         help="largest difference in P(live) between onnxruntime and PyTorch (fp32) that is accepted "
                              "(default: 1e-4)")
@@ -104,7 +99,7 @@ def export_onnx(args, batch_size=32):
     data_config = timm.data.resolve_data_config({}, model=net)
     mean, std = data_config["mean"], data_config["std"]
     threshold = metadata.get("val_metrics", {}).get("threshold")
-    compute = metadata.get("compute") or wfas_data.compute_budget(net, metadata["model_name"], img_size)
+    compute = metadata.get("compute") or models.compute_budget(net, metadata["model_name"], img_size)
     crops, source = parity_crops(args.output_dir, args.data_root or recorded_data_root(args.output_dir), img_size,
                                  face_crop_scale)
     batches = list(crops.split(batch_size))

@@ -1,5 +1,7 @@
-"""The pretrained-weights cache of the training scripts: EXP/model/<stage>/<model>/<model>.safetensors, fetched
-once (on a login node, say) and read by every later run, so that offline compute nodes never download.
+"""The pretrained-weights cache of the training scripts, EXP/model/<stage>/<model>/<model>.safetensors, fetched
+once (on a login node, say) and read by every later run, so that offline compute nodes never download; and
+create_model, which builds either stage's network from them, and compute_budget, which both stages log against
+the challenge's limit.
 
     python tools/models.py list --output_dir EXP                          # cached models per stage, with sizes
     python tools/models.py download --output_dir EXP --stage 1            # stage 1's model (its flags apply)
@@ -21,13 +23,17 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import timm
+import torch
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wfas_data  # noqa: E402
 from wfas_data import UserError  # noqa: E402
 
 STAGES = ("stage1", "stage2")
+# The WFAS challenge accepts a single model of at most this many GFLOPs per image.
+CHALLENGE_GFLOPS_LIMIT = 5.0
 
 
 def cache_dir(output_dir, stage, model_name):
@@ -74,6 +80,51 @@ def fetch_pretrained(model_name, model_cache_dir, url=None):
     os.replace(tmp, cached)
     shutil.rmtree(download_dir, ignore_errors=True)
     return cached
+
+
+@torch.no_grad()
+def compute_budget(net, model_name, img_size):
+    """Parameters and multiply-accumulates (MACs) of one image's forward pass, counted by torch's FLOP counter
+    (convolutions, matmuls and attention, as timm's published GMACs), against the challenge's limit."""
+    training = net.training
+    net.eval()
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, img_size, img_size, device=next(net.parameters()).device))
+    net.train(training)
+    gflops = counter.get_total_flops() / 1e9  # the counter counts a multiply-accumulate as 2 FLOPs
+    gmacs, limit = gflops / 2, CHALLENGE_GFLOPS_LIMIT
+    # "FLOPs" in papers and model cards are often MACs: say what holds under each reading
+    if gflops <= limit:
+        within, verdict = "yes", f"within the challenge's single-model limit of {limit:g} GFLOPs"
+    elif gmacs <= limit:
+        within, verdict = "as MACs only", (f"within the challenge's {limit:g} GFLOPs limit only if FLOPs are read "
+                                           "as multiply-accumulates (as timm's tables do), over it at 2 FLOPs each")
+    else:
+        within, verdict = "no", f"over the challenge's single-model limit of {limit:g} GFLOPs however FLOPs are counted"
+    return {"model_name": model_name, "img_size": img_size,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "gmacs": gmacs, "gflops": gflops,
+            "within_challenge_limit": within,
+            "challenge_limit": f"{model_name} at {img_size}x{img_size}: {gmacs:.3g} GMACs = {gflops:.3g} GFLOPs, "
+                               f"{verdict}."}
+
+
+def create_model(model_name, img_size=None, pretrained=False, pretrained_file=None, cache_dir=None,
+                 drop_path_rate=0.0):
+    """A timm model with a 2-class head (live = 1) at img_size: from scratch, or from pretrained_file, or from
+    the weights cached in cache_dir (fetched there once: fetch_pretrained)."""
+    kwargs = dict(num_classes=2, drop_path_rate=drop_path_rate)
+    cfg = timm.get_pretrained_cfg(model_name)
+    if img_size and cfg and cfg.fixed_input_size:  # e.g. MaxViT: its window grid is built for one input size
+        kwargs["img_size"] = img_size
+    if not pretrained:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    weights = Path(pretrained_file) if pretrained_file else fetch_pretrained(model_name, cache_dir)
+    if not weights.is_file():
+        raise UserError(f"--pretrained_file {weights} does not exist")
+    try:  # timm loads the file, drops the 1000-class head and resizes what depends on the input size
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise UserError(f"cannot load {weights} into {model_name}: {str(error).splitlines()[0]}") from None
 
 
 def cached_models(output_dir):

@@ -31,11 +31,7 @@ logger = get_logger("predict")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="output", help="the experiment folder (default: output)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="whose best checkpoint (default: 2)")
-    parser.add_argument("--checkpoint", help="a .safetensors written by either stage (default: EXP/checkpoints/"
-                                             "stageN/stageN_best.safetensors)")
+    parser = common.checkpoint_parser(__doc__)
     parser.add_argument("--predict_lists", nargs="+", metavar="LIST",
                         help="the unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt")
     parser.add_argument("--predict_folder", metavar="DIR", help="score every image below DIR into "
@@ -90,7 +86,7 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
                         f"{', '.join(sets.values())}")
     lines = []
     for list_file in sorted(args.predict_lists, key=lambda p: sets[p] != "dev"):
-        folder, names = wfas_data.read_prediction_list(list_file)
+        folder, names = common.read_prediction_list(list_file)
         table = wfas_data.unlabelled_table(folder, names)
         workers = wfas_data.default_loader_settings(args.num_workers)["num_workers"]
         cache = wfas_data.build_face_cache(

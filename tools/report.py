@@ -1,5 +1,6 @@
 """EXP/plots/ and EXP/report.md, from an experiment folder's files alone (results, prediction CSVs, summary.csv,
-split.csv, configs). Each stage draws them when it ends; this redraws them, e.g. after editing a plot.
+split.csv, configs). Each stage draws them when it ends; this redraws them, e.g. after editing a plot. Also the
+operating points: thresholds fitted on val for the error rate a deployment can afford, which stage 2 reports.
 
     python tools/report.py EXP
 
@@ -19,14 +20,67 @@ import wfas_data  # noqa: E402
 from wfas_data import LIVE, SPLITS, SPOOF, UserError, aside, check_scores, compute_metrics, roc_auc  # noqa: E402
 
 RESULTS = {"stage1": "stage1_results.json", "stage2": "final_results.json"}
+# The error rates a deployer may afford: a threshold is fitted on val for each, and test is scored at it.
+OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
 
 
-def write_all(output_dir, stages=("stage1", "stage2"), log=print):
-    """The plots of each finished stage among `stages`, then report.md. Returns report.md's path."""
+def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
+    """For each (error, target), the val threshold that keeps that error within the target with the other as low
+    as it goes, and the val and test APCER/BPCER at it. A target below one image of its class on val cannot be
+    told from 0 there: that point is fitted to no error on val and flagged resolved=False."""
+    val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
+    if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
+        return []
+    candidates, spoof_accepted, live_rejected = wfas_data.candidate_thresholds(val_scores, val_labels)
+    num_live, num_spoof = int((val_labels == LIVE).sum()), int((val_labels == SPOOF).sum())
+    points = []
+    for error, target in targets:
+        # errors compared in images (as rates, 1 - 99/100 exceeds 1%); 1e-9: 0.29 * 100 is 28.999999999999996
+        if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
+            num_class, index = num_live, np.flatnonzero(live_rejected <= target * num_live + 1e-9)[-1]
+        else:  # APCER falls as the threshold grows: the lowest one within the target
+            num_class, index = num_spoof, np.flatnonzero(spoof_accepted <= target * num_spoof + 1e-9)[0]
+        threshold = float(candidates[index])
+        test = wfas_data.compute_error_rates(test_scores, test_labels, threshold)
+        points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
+                       "threshold": threshold, "val_apcer": float(spoof_accepted[index] / num_spoof),
+                       "val_bpcer": float(live_rejected[index] / num_live), "test_apcer": test["apcer"],
+                       "test_bpcer": test["bpcer"], "resolved": bool(num_class * target >= 1)})
+    return points
+
+
+def format_operating_points(points):
+    """A table to log: one line per target."""
+    lines = ["operating points (threshold fitted on val; test scored at it):"]
+    for p in points:
+        lines.append(f"  {p['target']:>10}: threshold {p['threshold']:.6f}  val APCER {p['val_apcer']:.4f} BPCER "
+                     f"{p['val_bpcer']:.4f}  test APCER {p['test_apcer']:.4f} BPCER {p['test_bpcer']:.4f}"
+                     + ("" if p["resolved"] else "  (val too small to resolve this target)"))
+    return "\n".join(lines)
+
+
+def write_all(output_dir, stages=("stage1", "stage2"), log=print, force=True):
+    """The plots of each finished stage among `stages` (without force, only those older than their inputs), then
+    report.md. Returns report.md's path."""
     for stage in stages:
-        if (Path(output_dir) / RESULTS[stage]).is_file():
+        if (Path(output_dir) / RESULTS[stage]).is_file() and (force or not plots_up_to_date(output_dir, stage)):
             make_plots(output_dir, stage, log)
     return write_report(output_dir)
+
+
+def plots_up_to_date(output_dir, stage):
+    """Whether every plot of the stage is there and newer than the files it is drawn from."""
+    output_dir = Path(output_dir)
+    inputs = [output_dir / RESULTS[stage], output_dir / "logs" / stage / "summary.csv",
+              *(output_dir / f"{stage}_{name}_predictions.csv" for name in ("val", "test"))]
+    names = ["training_curves", "roc_det", "score_histograms", "apcer_per_attack"]
+    if stage == "stage2" and (output_dir / "stage1_test_predictions.csv").is_file():
+        names.append("teacher_vs_student")
+        inputs.append(output_dir / "stage1_test_predictions.csv")
+    plots = [output_dir / "plots" / f"{stage}_{name}.png" for name in names]
+    if not all(path.is_file() for path in plots + inputs):
+        return False
+    return min(path.stat().st_mtime for path in plots) > max(path.stat().st_mtime for path in inputs)
 
 
 def read_predictions_csv(path):
@@ -232,12 +286,13 @@ def write_report(output_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", metavar="EXP", help="the experiment folder")
+    parser.add_argument("--force", action="store_true", help="redraw every plot, even those newer than their inputs")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     if not any((output_dir / name).is_file() for name in RESULTS.values()):
         raise UserError(f"{output_dir} holds no {' or '.join(RESULTS.values())}: train a stage into it first "
                         "(accelerate launch train_stage1.py --data_root WFAS --output_dir EXP)")
-    report = write_all(output_dir, log=lambda message: print(message, file=sys.stderr))
+    report = write_all(output_dir, log=lambda message: print(message, file=sys.stderr), force=args.force)
     plots = sorted((output_dir / "plots").glob("*.png")) if (output_dir / "plots").is_dir() else []
     print(f"Wrote {report} and {len(plots)} plots in {output_dir / 'plots'}")
     return report
