@@ -151,8 +151,8 @@ def main(argv=None):
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     mean, std, img_size, compute, loaders, cache, datasets = prepare_data(accelerator, args, table, teacher, log_file)
 
-    train_loader = loaders.make(datasets["train"], shuffle=True)
-    val_loader = loaders.make(datasets["val"])
+    train_loader = loaders.make(datasets["train"], shuffle=True, persistent=True)
+    val_loader = loaders.make(datasets["val"], persistent=True)
     optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
     set_seed(args.seed, device_specific=True)

@@ -250,8 +250,8 @@ def main(argv=None):
 
     labels = splits["train"].label
     sampler = BalancedBatchSampler(labels, args.batch_size, args.seed) if args.balanced_sampling else None
-    train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler)
-    val_loader = loaders.make(datasets["val"])
+    train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler, persistent=True)
+    val_loader = loaders.make(datasets["val"], persistent=True)
     model = LogitsAndEmbedding(student)
     optimizer = create_optimizer_v2(student, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)

@@ -582,15 +582,17 @@ class Loaders:
     def __init__(self, batch_size, num_workers=None):
         self.batch_size, self.settings = batch_size, default_loader_settings(num_workers)
 
-    def make(self, dataset, shuffle=False, batch_sampler=None):
-        """Shuffled train batches drop the last incomplete one; a batch_sampler gives the batches itself."""
+    def make(self, dataset, shuffle=False, batch_sampler=None, persistent=False):
+        """Shuffled batches drop the last incomplete one; a batch_sampler gives the batches itself. persistent: for
+        the loaders read every epoch (their owner shuts them down); one-shot ones end their workers themselves."""
         if not Loaders.exit_hook:  # registered after multiprocessing's exit hook, so it runs before it
             atexit.register(Loaders.end_workers)
             Loaders.exit_hook = True
         batching = dict(batch_sampler=batch_sampler) if batch_sampler else dict(
             batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
         loader = torch.utils.data.DataLoader(dataset, worker_init_fn=Loaders.ignore_stop_signals,
-                                             persistent_workers=self.settings["num_workers"] > 0, **batching,
+                                             persistent_workers=persistent and self.settings["num_workers"] > 0,
+                                             **batching,
                                              **self.settings)
         if len(loader) == 0:
             raise UserError(f"{len(dataset)} images are fewer than one batch of {self.batch_size}; lower --batch_size")

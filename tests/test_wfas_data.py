@@ -408,7 +408,7 @@ class WorkerPid(torch.utils.data.Dataset):
 
 
 def test_loader_workers_persist_across_epochs_ignore_stop_signals_and_shut_down():
-    loader = wfas_data.Loaders(batch_size=2, num_workers=1).make(WorkerPid())
+    loader = wfas_data.Loaders(batch_size=2, num_workers=1).make(WorkerPid(), persistent=True)
     first = {int(pid) for batch in loader for pid in batch}
     assert len(first) == 1 and first != {os.getpid()}
     worker = first.pop()
