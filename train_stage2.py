@@ -585,8 +585,8 @@ class EpochMeter:
         for name, value in {"loss": loss.detach(), **(parts or {})}.items():
             self.sums[name] = self.sums.get(name, 0) + value
         self.steps += 1
-        self.images += len(batch["error"]) * self.accelerator.num_processes
-        self.state["images_done"] += len(batch["error"]) * self.accelerator.num_processes
+        images = len(batch["error"]) * self.accelerator.num_processes
+        self.images, self.state["images_done"] = self.images + images, self.state["images_done"] + images
 
     def finish(self):
         self.seconds = time.time() - self.start

@@ -76,6 +76,11 @@ def write_aside(path, write):
     os.replace(tmp, path)
 
 
+def zip_one(path, member):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(member, arcname=member.name)
+
+
 def write_submission(args, accelerator, model, img_size, face_crop_scale):
     """EXP/submission.txt in list order, dev before test, and a zip of it. An image that cannot be decoded still
     gets its line, with 0.5, and a warning. Scores keep 12 decimals, so that confident ones do not collapse
@@ -104,9 +109,7 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
     txt, archive = Path(args.output_dir) / "submission.txt", Path(args.output_dir) / "submission.zip"
     if accelerator.is_main_process:
         write_aside(txt, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-        with zipfile.ZipFile(wfas_data.aside(archive), "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.write(txt, arcname="submission.txt")
-        os.replace(wfas_data.aside(archive), archive)
+        write_aside(archive, lambda tmp: zip_one(tmp, txt))
         logger.info(f"Wrote {len(lines)} scores to {txt} and {archive}")
     return str(txt)
 
