@@ -32,6 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torchvision.transforms import v2 as T
 
 import losses
@@ -92,6 +93,9 @@ def build_parser():
     group.add_argument("--max_train_steps", type=int, default=None, help="stop after this many updates (smoke runs)")
     group.add_argument("--seed", type=int, default=42, help="seed of the split, the shuffle and the model init")
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
+    group.add_argument("--model_ema_decay", type=float, default=0.0,
+                       help="keep timm's EMA of the weights (ModelEmaV3, with its decay warm-up; e.g. 0.999) and "
+                            "validate, keep and deploy it; 0 turns it off")
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--resume_from_checkpoint",
@@ -156,6 +160,7 @@ def main(argv=None):
     optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
     set_seed(args.seed, device_specific=True)
+    ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
     scheduler, total_updates, updates_per_epoch = build_scheduler(optimizer, args, len(train_loader))
     state, skip_batches = checkpoints.resume(args, updates_per_epoch)
     scheduler.step_update(state["global_step"])
@@ -182,12 +187,14 @@ def main(argv=None):
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+                if ema is not None and accelerator.sync_gradients:
+                    ema.update(teacher, step=state["global_step"] + 1)
             meter.add(batch, loss)
             if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
                 break
         train = meter.finish()
-        val, _ = wfas_data.evaluate(model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
-        improved = checkpoints.keep_best(state, epoch, val, teacher, best_metadata)
+        val, _ = wfas_data.evaluate(ema or model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
+        improved = checkpoints.keep_best(state, epoch, val, ema.module if ema else teacher, best_metadata)
         checkpoints.save_latest(state)
         run_log.log_epoch(output_dir, epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
         if stopper.requested(accelerator):
@@ -356,9 +363,15 @@ class Checkpoints:
     one trained over all processes, the updates, the best so far). Both are written aside and renamed."""
 
     def __init__(self, accelerator, output_dir):
-        self.accelerator, folder = accelerator, Path(output_dir) / "checkpoints" / STAGE
+        self.accelerator, self.ema, folder = accelerator, None, Path(output_dir) / "checkpoints" / STAGE
         self.best_path, self.latest_dir = folder / f"{STAGE}_best.safetensors", folder / f"{STAGE}_latest"
         folder.mkdir(parents=True, exist_ok=True)
+
+    def track_ema(self, net, decay):
+        """timm's EMA of net (after prepare(): on its device), saved in <stage>_latest beside accelerate's state
+        (as safetensors: accelerate would pickle it); None when decay is 0."""
+        self.ema = ModelEmaV3(net, decay=decay, use_warmup=True) if decay else None
+        return self.ema
 
     def resume(self, args, updates_per_epoch):
         """(state, batches each process skips in the unfinished epoch), from --resume_from_checkpoint or fresh.
@@ -373,6 +386,11 @@ class Checkpoints:
             finally:
                 logging.getLogger("accelerate").setLevel(logging.WARNING)
             state = json.loads((resume_dir / "training_state.json").read_text())
+            if self.ema is not None:
+                if not (resume_dir / "ema.safetensors").is_file():
+                    raise UserError(f"{resume_dir} holds no EMA weights (saved without --model_ema_decay): resume "
+                                    "without it, or start a new run")
+                self.ema.module.load_state_dict(load_file(resume_dir / "ema.safetensors"))
             skip_batches, global_step = self.position(state, args.batch_size, self.accelerator.num_processes,
                                                       args.gradient_accumulation_steps, updates_per_epoch)
             if global_step != state["global_step"]:
@@ -424,7 +442,9 @@ class Checkpoints:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            wfas_data.write_json(tmp / "training_state.json", state)
+            if self.ema is not None:
+                save_file(self.weights(self.ema.module), tmp / "ema.safetensors")
+            wfas_data.write_json(tmp / "training_state.json", state)  # the last file: it marks tmp complete
             if latest.exists():
                 latest.rename(latest.with_name(f"{latest.name}.old-{time.time_ns()}"))
             tmp.rename(latest)
@@ -440,11 +460,15 @@ class Checkpoints:
         state.update(best_epoch=epoch, best_val_acer=val["acer"])
         if self.accelerator.is_main_process:
             tmp = wfas_data.aside(self.best_path)
-            save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp, metadata={
-                k: v if isinstance(v, str) else json.dumps(v) for k, v in {**metadata, "epoch": str(epoch),
-                                                                            "val_metrics": val}.items()})
+            metadata = {k: v if isinstance(v, str) else json.dumps(v)
+                        for k, v in {**metadata, "epoch": str(epoch), "val_metrics": val}.items()}
+            save_file(self.weights(net), tmp, metadata)
             os.replace(tmp, self.best_path)
         return True
+
+    @staticmethod
+    def weights(net):
+        return {k: v.contiguous().cpu() for k, v in net.state_dict().items()}
 
     def load_best(self, net):
         if not self.best_path.is_file():

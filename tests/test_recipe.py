@@ -1,0 +1,84 @@
+"""The recipe's options: EMA of the weights, the challenge-valid preset, held-out (unseen) attack types."""
+import json
+import shutil
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY_STAGE1, TINY_STAGE2, launch_two_processes, run_script, split_paths
+import train_stage1
+import train_stage2
+
+
+def latest_file(exp, stage, name):
+    return load_file(exp / "checkpoints" / stage / f"{stage}_latest" / name)
+
+
+def differ(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_ema_weights_are_validated_kept_and_differ_from_the_raw_ones(demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    for script, tiny in ((train_stage1, ["--data_root", str(demo_root), *TINY_STAGE1]), (train_stage2, TINY_STAGE2)):
+        stage = script.STAGE
+        results = script.main(["--output_dir", str(exp), *tiny, "--model_ema_decay", "0.9"])
+        ema, raw = latest_file(exp, stage, "ema.safetensors"), latest_file(exp, stage, "model.safetensors")
+        assert differ(ema, raw)
+        # one epoch: the best checkpoint is the EMA at its end (stage 2's net is wrapped: LogitsAndEmbedding)
+        best = load_file(exp / "checkpoints" / stage / f"{stage}_best.safetensors")
+        prefix = "net." if stage == "stage2" else ""
+        assert all(torch.equal(best[k], ema[prefix + k]) for k in best)
+        # the epoch's validation scored the EMA: the final val, rescored with the kept weights, agrees
+        with safe_open(exp / "checkpoints" / stage / f"{stage}_best.safetensors", "pt") as f:
+            epoch_val = json.loads(f.metadata()["val_metrics"])
+        assert epoch_val["auc"] == (results["val"]["auc"] if stage == "stage1" else results["val_auc"])
+
+
+def test_a_killed_run_resumes_the_same_ema(demo_root, tmp_path):
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
+               "--model_ema_decay", "0.9"]
+    assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
+    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:  # the epoch line comes after stage1_latest is written
+        if "epoch 1/2" in line:
+            killed.kill()
+            break
+    killed.wait()
+    resumed = run_script(command + ["--output_dir", str(tmp_path / "B"), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after_resume = (latest_file(tmp_path / run, "stage1", "ema.safetensors") for run in "AB")
+    assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted)
+
+
+def test_a_resume_on_two_processes_continues_the_same_average(demo_root, tmp_path):
+    """One update after a one-process epoch, on two processes: EMA' = d * EMA + (1 - d) * W', d the warm-up decay."""
+    exp = tmp_path / "EXP"
+    args = ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--model_ema_decay", "0.99"]
+    train_stage1.main(args)
+    before = latest_file(exp, "stage1", "ema.safetensors")
+    # the new schedule's position after one epoch: whole batches of 8 on each of two processes
+    position = len(split_paths(exp, "train")) // 16
+    resumed = launch_two_processes("train_stage1.py", [*args, "--num_epochs", "2", "--max_train_steps",
+                                                       str(position + 1), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((exp / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
+    assert state["global_step"] == position + 1
+    after, weights = latest_file(exp, "stage1", "ema.safetensors"), latest_file(exp, "stage1", "model.safetensors")
+    decay = min(1 - (1 + position) ** (-2 / 3), 0.99)  # ModelEmaV3's warm-up at update position + 1
+    for k in after:
+        assert torch.allclose(after[k], decay * before[k] + (1 - decay) * weights[k], atol=1e-6), k
+
+
+def test_resuming_an_ema_run_from_a_state_without_ema_is_one_line(stage1_run, demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir", str(exp),
+                         *TINY_STAGE1, "--num_epochs", "2", "--model_ema_decay", "0.9",
+                         "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 2 and "holds no EMA weights" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
