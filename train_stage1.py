@@ -339,6 +339,8 @@ def prepare_data(accelerator, args, table, net, log_file, extra=""):
                 f"on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}, image size {img_size}, "
                 f"batch {args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}{extra}")
     logger.info(f"Compute: {compute['params_m']:.2f} M parameters; {compute['challenge_limit']}")
+    if broken := models.challenge_rules_broken(STAGE, args, compute):  # configs/challenge_stage*.json keep them
+        logger.warning(f"Not a valid WFAS challenge entry: {'; '.join(broken)}")
     logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
     logger.info(loaders.describe(cache) + (f"\nLogging to {log_file}" if log_file else ""))
     datasets = wfas_data.build_datasets(table, img_size, train_transform(img_size), args.face_crop_scale, cache)

@@ -1,4 +1,5 @@
 """The recipe's options: EMA of the weights, the challenge-valid preset, held-out (unseen) attack types."""
+import argparse
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY_STAGE1, TINY_STAGE2, launch_two_processes, run_script, split_paths
 import train_stage1
 import train_stage2
+from tools import models
 
 
 def latest_file(exp, stage, name):
@@ -82,3 +84,45 @@ def test_resuming_an_ema_run_from_a_state_without_ema_is_one_line(stage1_run, de
                          "--resume_from_checkpoint", "latest"])
     assert result.returncode == 2 and "holds no EMA weights" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the challenge preset
+
+def test_the_challenge_preset_runs_and_logs_no_warning(demo_root, tmp_path):
+    """The presets as they are, on the demo: the student at its 256 px (the size its GFLOPs are counted at), the
+    teacher smaller, so that the test stays short; a handful of updates each."""
+    exp = tmp_path / "EXP"
+    quick = ["--num_workers", "0", "--num_epochs", "1", "--max_train_steps", "4"]
+    train_stage1.main(["--config", str(REPO / "configs" / "challenge_stage1.json"), "--data_root", str(demo_root),
+                       "--output_dir", str(exp), "--img_size", "64", "--batch_size", "8", *quick])
+    results = train_stage2.main(["--config", str(REPO / "configs" / "challenge_stage2.json"),
+                                 "--output_dir", str(exp), "--batch_size", "4", *quick])
+    assert results["compute"]["gflops"] <= models.CHALLENGE_GFLOPS_LIMIT and results["img_size"] == 256
+    for stage in ("stage1", "stage2"):
+        log = next((exp / "logs" / stage).glob("*.log")).read_text()
+        assert "from scratch" in log and " WARNING " not in log, stage
+
+
+def test_each_broken_rule_is_named(tmp_path):
+    (tmp_path / "stage1_config.json").write_text(json.dumps({"pretrained": True}))
+    args = argparse.Namespace(pretrained=True, output_dir=str(tmp_path))
+    broken = models.challenge_rules_broken("stage2", args, {"gflops": 47.8, "gmacs": 23.9})
+    assert len(broken) == 3 and "pretrained weights" in broken[0] and "pretrained teacher" in broken[1]
+    assert "47.8 GFLOPs" in broken[2]
+    assert models.challenge_rules_broken("stage1", args, {"gflops": 47.8, "gmacs": 23.9}) == [
+        broken[0].replace("stage2", "stage1")]  # the teacher is not submitted: its GFLOPs are free
+    args.pretrained = False
+    (tmp_path / "stage1_config.json").write_text(json.dumps({"pretrained": False}))
+    assert models.challenge_rules_broken("stage2", args, {"gflops": 4.9, "gmacs": 2.45}) == []
+
+
+def test_a_run_that_breaks_a_rule_says_so_in_one_warning(stage1_run, tmp_path):
+    exp = tmp_path / "EXP"
+    shutil.copytree(stage1_run[0], exp)
+    config = json.loads((exp / "stage1_config.json").read_text())
+    (exp / "stage1_config.json").write_text(json.dumps({**config, "pretrained": True}))  # as if its teacher were
+    train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2, "--max_train_steps", "4"])
+    log = next((exp / "logs" / "stage2").glob("*.log")).read_text()
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "Not a valid WFAS challenge entry" in warnings[0]
+    assert "pretrained teacher" in warnings[0]

@@ -14,6 +14,7 @@ exactly what that stage's run will look for. --url fetches from a mirror (http(s
 the model's hub. The training scripts call fetch_pretrained when the cache is empty.
 """
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -106,6 +107,22 @@ def compute_budget(net, model_name, img_size):
             "within_challenge_limit": within,
             "challenge_limit": f"{model_name} at {img_size}x{img_size}: {gmacs:.3g} GMACs = {gflops:.3g} GFLOPs, "
                                f"{verdict}."}
+
+
+def challenge_rules_broken(stage, args, compute):
+    """The WFAS challenge rules a stage's settings break, one phrase each (empty: a valid entry). The rules allow
+    no extra data and no model pretrained on it, ImageNet included, and one model of at most 5 GFLOPs (the
+    student: the teacher is not submitted). Stage 2 also answers for the teacher that made its soft labels."""
+    broken = [f"{stage} starts from pretrained weights (--pretrained; --no-pretrained trains from scratch)"
+              ] if args.pretrained else []
+    if stage == "stage2":
+        stage1_config = Path(args.output_dir) / "stage1_config.json"
+        if stage1_config.is_file() and json.loads(stage1_config.read_text()).get("pretrained"):
+            broken.append("its soft labels come from a pretrained teacher (stage 1 ran with --pretrained)")
+        if compute["gflops"] > CHALLENGE_GFLOPS_LIMIT:
+            broken.append(f"the student costs {compute['gflops']:.3g} GFLOPs ({compute['gmacs']:.3g} GMACs), over "
+                          f"the {CHALLENGE_GFLOPS_LIMIT:g} GFLOPs limit")
+    return broken
 
 
 def create_model(model_name, img_size=None, pretrained=False, pretrained_file=None, cache_dir=None,
