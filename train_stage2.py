@@ -665,7 +665,7 @@ class RunLog:
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {meter.undecodable} undecodable images skipped" if meter.undecodable else ""))
         if self.accelerator.is_main_process:
-            wfas_data.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
+            report.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
                 "epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                 **{f"val_{k}": val[k] for k in ("loss", "acer", "apcer", "bpcer", "auc")}, "lr": lr,
                 "images_per_second": speed, "data_wait_share": wait})

@@ -967,26 +967,6 @@ def format_score(score):
     return repr(float(score))
 
 
-# -- summary.csv: one row per epoch (plots and report.md: tools/report.py) ---------------------------------------------
-
-def write_summary_row(path, row):
-    """One epoch's row added to a summary.csv (as timm's train.py keeps one), written aside and renamed. A resumed
-    run drops the rows of this epoch and later: no epoch is there twice."""
-    path = Path(path)
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < int(row["epoch"])]
-    rows.append({k: (format_score(v) if isinstance(v, float) else v) for k, v in row.items()})
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = aside(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 # -- Command line: `check` and `cache` are tools/data.py's, which training never runs ----------------------------------
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 from conftest import REPO, run_script
 import train_stage1
 import train_stage2
-import wfas_data
 from tools import report
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -96,13 +95,15 @@ def test_the_report_tool_redraws_everything_from_the_files_alone(stage2_run, tmp
 def test_a_resumed_run_leaves_each_epoch_once_in_the_summary(tmp_path):
     path = tmp_path / "summary.csv"
     for epoch in (1, 2, 3, 2, 3):  # killed after epoch 3 was logged, resumed from the state of epoch 1
-        wfas_data.write_summary_row(path, {"epoch": epoch, "train_loss": 1.0 / epoch})
+        report.write_summary_row(path, {"epoch": epoch, "train_loss": 1.0 / epoch})
     with open(path) as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("script, config", [(train_stage1, "stage1_recipe.json"), (train_stage2, "stage2_recipe.json"),
-                                            (train_stage1, "demo_stage1.json"), (train_stage2, "demo_stage2.json")])
+                                            (train_stage1, "demo_stage1.json"), (train_stage2, "demo_stage2.json"),
+                                            (train_stage1, "challenge_stage1.json"),
+                                            (train_stage2, "challenge_stage2.json")])
 def test_the_configuration_files_round_trip_through_config(script, config, tmp_path):
     values = json.loads((REPO / "configs" / config).read_text())
     args = vars(script.parse_args(["--config", str(REPO / "configs" / config), "--data_root", "x",

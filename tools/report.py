@@ -24,6 +24,24 @@ RESULTS = {"stage1": "stage1_results.json", "stage2": "final_results.json"}
 OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
 
 
+def write_summary_row(path, row):
+    """One epoch's row added to a summary.csv (as timm's train.py keeps one), written aside and renamed. A resumed
+    run drops the rows of this epoch and later: no epoch is there twice."""
+    path = Path(path)
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < int(row["epoch"])]
+    rows.append({k: (wfas_data.format_score(v) if isinstance(v, float) else v) for k, v in row.items()})
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = aside(path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
     """For each (error, target), the val threshold that keeps that error within the target with the other as low
     as it goes, and the val and test APCER/BPCER at it. A target below one image of its class on val cannot be
