@@ -57,6 +57,9 @@ def build_parser():
     group.add_argument("--output_dir", default="output", help="experiment folder")
     group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
     group.add_argument("--test_fraction", type=float, default=0.1, help="share of subjects held out for test")
+    group.add_argument("--unseen_attacks", type=lambda text: [t for t in text.split(",") if t], default=[],
+                       metavar="TYPE[,TYPE...]", help="attack types kept out of train, their subjects split between "
+                       "val and test (WFAS's dev and test hold 8 types its train lacks); results report them apart")
     group.add_argument("--face_crop_scale", type=float, default=wfas_data.DEFAULT_FACE_CROP_SCALE,
                        help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
@@ -147,7 +150,7 @@ def main(argv=None):
 
     def load_split_and_model():  # the main process writes split.csv and fetches the weights first
         split_table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction,
-                                                     args.test_fraction, args.seed, log=logger.info)
+                                                     args.test_fraction, args.seed, logger.info, args.unseen_attacks)
         return split_table, models.create_model(args.model_name, args.img_size, args.pretrained, args.pretrained_file,
                                          args.model_cache_dir, args.drop_path_rate)
 

@@ -316,7 +316,8 @@ def main(argv=None):
     stage1_results = output_dir / "stage1_results.json"
     teacher_test = json.loads(stage1_results.read_text())["test"] if stage1_results.is_file() else {}
     results = {
-        **{f"test_{k}": test[k] for k in ("acc", "acer", "apcer", "bpcer", "auc", "eer", "apcer_per_attack")},
+        **{f"test_{k}": test[k] for k in ("acc", "acer", "apcer", "bpcer", "auc", "eer", "apcer_per_attack",
+                                          "seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer") if k in test},
         "test_worst_apcer": test["worst_apcer"], "threshold": val["threshold"], "operating_points": operating_points,
         "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"], "best_epoch": state["best_epoch"] + 1,
         "num_test_images": test["num_images"], "num_val_images": val["num_images"],

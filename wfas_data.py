@@ -82,8 +82,7 @@ class PlainProgress:
         self.iterable, self.desc, self.disable, self.interval, self.postfix = iterable, desc, disable, interval, {}
         self.first_line = leave  # a short-lived bar (leave=False) speaks only once it has run `interval`
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.initial, self.start = initial, initial, time.time()
-        self.last = self.start
+        self.n, self.initial, self.start, self.last = initial, initial, time.time(), time.time()
 
     def __iter__(self):
         for item in self.iterable:
@@ -131,6 +130,7 @@ class SampleTable:
     box: np.ndarray = None   # float32 [N, 4]: x1, y1, x2, y2 of the face box as in the file; NaN without one
     split: np.ndarray = None  # int8 index into SPLITS, once assigned
     row: np.ndarray = None   # int64: the row in the table this one was selected from (a face cache's index)
+    unseen_attacks: tuple = ()  # attack types held out of train (--unseen_attacks): metrics report them apart
 
     def __post_init__(self):
         if self.box is None:
@@ -144,7 +144,7 @@ class SampleTable:
     def select(self, mask):
         return SampleTable(self.root, self.path[mask], self.label[mask], self.attack_type[mask],
                            self.subject[mask], self.has_bbox[mask], self.box[mask],
-                           None if self.split is None else self.split[mask], self.row[mask])
+                           None if self.split is None else self.split[mask], self.row[mask], self.unseen_attacks)
 
     def of_split(self, name):
         return self.select(self.split == SPLITS.index(name))
@@ -236,7 +236,7 @@ def index_labelled_list(list_file):
     the list's folder; without a subject column a subject is the folder that holds the image."""
     list_file = Path(list_file)
     root = list_file.parent
-    paths, labels, attack_types, subjects = [], [], [], []
+    rows = []
     for line_number, line in enumerate(list_file.read_text().splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -245,12 +245,11 @@ def index_labelled_list(list_file):
             raise UserError(f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type [subject]]` "
                             f"with label 1 (live) or 0 (spoof), got {line.strip()!r}")
         label = int(fields[1])
-        paths.append(fields[0])
-        labels.append(label)
-        attack_types.append(LIVE_TYPE if label == LIVE else (fields[2] if len(fields) > 2 else "spoof"))
-        subjects.append(fields[3] if len(fields) > 3 else os.path.dirname(fields[0]))
-    if not paths:
+        rows.append((fields[0], label, LIVE_TYPE if label == LIVE else (fields[2] if len(fields) > 2 else "spoof"),
+                     fields[3] if len(fields) > 3 else os.path.dirname(fields[0])))
+    if not rows:
         raise UserError(f"{list_file} lists no images; expected one `relative/path.jpg label` per line")
+    paths, labels, attack_types, subjects = zip(*rows)
     boxes = read_boxes(root, paths)
     has_bbox = [(root / p).with_suffix(".txt").is_file() for p in paths]
     return _make_table(root, paths, labels, attack_types, subjects, has_bbox, boxes)
@@ -271,13 +270,22 @@ def unlabelled_table(root, paths):
 
 # -- Splits ------------------------------------------------------------------------------------------------------------
 
-def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
+def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0, unseen_attacks=()):
     """Split by subject, stratified by attack type, deterministic for a seed. Within a type the subjects are
     shuffled; each goes to val while val holds fewer images than its share, then to test, then to train. So val
-    and test get a subject of every type with 3 or more, and the last subject trains: no type misses in train."""
+    and test get a subject of every type with 3 or more, and the last subject trains: no type misses in train.
+    The types of unseen_attacks never train: their subjects go to val and test in the val:test proportion, as
+    WFAS's dev and test hold attack types its train set lacks."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise UserError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
                         "and leave images for training (sum < 1)")
+    attacks, unseen = set(table.attack_types()) - {LIVE_TYPE}, set(unseen_attacks)
+    if unseen - attacks:
+        raise UserError(f"--unseen_attacks {','.join(sorted(unseen - attacks))}: not an attack type of this data "
+                        f"(its types: {', '.join(sorted(attacks))})")
+    if unseen and (unseen == attacks or val_fraction + test_fraction == 0):
+        raise UserError("--unseen_attacks holds out every attack type, or --val_fraction and --test_fraction are 0: "
+                        "train needs an attack type and the held-out ones need val and test; hold out fewer")
     rng = np.random.default_rng(seed)
     split = np.zeros(len(table), dtype=np.int8)
     for attack_type in np.unique(table.attack_type):
@@ -285,15 +293,17 @@ def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0):
         subjects, subject_of_row, counts = np.unique(table.subject[in_type], return_inverse=True,
                                                      return_counts=True)
         subject_split = np.zeros(len(subjects), dtype=np.int8)
-        targets = np.array([np.inf, val_fraction, test_fraction]) * counts.sum()
-        taken = np.zeros(3)
+        held_out = attack_type.decode() in unseen
+        shares = [0, val_fraction, test_fraction] / np.float64(val_fraction + test_fraction) if held_out else \
+            [np.inf, val_fraction, test_fraction]
+        targets, taken = np.array(shares) * counts.sum(), np.zeros(3)
         order = rng.permutation(len(subjects))
-        for subject in order[:-1] if len(subjects) >= 3 else []:
-            chosen = 1 if taken[1] < targets[1] else 2 if taken[2] < targets[2] else 0
+        for subject in order if held_out else order[:-1] if len(subjects) >= 3 else []:
+            chosen = 1 if taken[1] < targets[1] else 2 if taken[2] < targets[2] or held_out else 0
             subject_split[subject] = chosen
             taken[chosen] += counts[subject]
         split[in_type] = subject_split[subject_of_row]
-    table.split = split
+    table.split, table.unseen_attacks = split, tuple(sorted(unseen))
     return table
 
 
@@ -331,8 +341,7 @@ def read_split_csv(csv_path, root):
             boxes = read_boxes(root, paths)
         table = _make_table(root, paths, np.array(labels).astype(np.int8), attack_types, subjects,
                             ~np.isnan(boxes[:, 0]), boxes)
-        split_codes = {name: code for code, name in enumerate(SPLITS)}
-        table.split = np.array([split_codes[s] for s in splits], dtype=np.int8)
+        table.split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
     except (ValueError, KeyError) as error:
         raise UserError(f"{csv_path} is damaged ({error!r}); delete it to recompute the split") from None
     return table
@@ -377,9 +386,11 @@ def check_split_source(table, source, record_path, log=print):
                         f"delete {csv_path.name} and {record_path.name} to split what is there now")
 
 
-def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print):
+def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print,
+                         unseen_attacks=None):
     """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
-    same split), else made and written with split_source.json, its data's record. Main process first."""
+    same split), else made and written with split_source.json, its data's record and the held-out attack types
+    (unseen_attacks; None: whatever the split was made with). Main process first."""
     source = Path(data_root).expanduser()
     root = source.parent if source.is_file() else resolve_data_root(source)
     csv_path = Path(output_dir) / "split.csv"
@@ -389,13 +400,19 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
         check_split_source(table, source, record_path, log)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
-        table = assign_splits(index_dataset(source), val_fraction, test_fraction, seed)
+        table = assign_splits(index_dataset(source), val_fraction, test_fraction, seed, unseen_attacks or ())
         check_held_out_splits(table, source)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
-        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table)})
+        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table),
+                                 "unseen_attacks": list(table.unseen_attacks)})
         write_split_csv(table, csv_path)
         log(f"Wrote a subject-disjoint split to {csv_path} ({len(table)} images)")
+    table.unseen_attacks = tuple(json.loads(record_path.read_text()).get("unseen_attacks", []))
+    if unseen_attacks is not None and sorted(unseen_attacks) != list(table.unseen_attacks):
+        raise UserError(f"{csv_path} holds out the attack types [{','.join(table.unseen_attacks)}] of train, not "
+                        f"[{','.join(sorted(unseen_attacks))}]: pass the same --unseen_attacks, or use another "
+                        "--output_dir for another protocol")
     check_held_out_splits(table, source)
     train_labels = table.label[table.split == SPLITS.index("train")]
     num_live, num_spoof = int((train_labels == LIVE).sum()), int((train_labels == SPOOF).sum())
@@ -406,11 +423,13 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
 
 
 def describe_split(table):
-    """One line per split: images, live, spoof, subjects."""
+    """One line per split: images, live, spoof, subjects; and the attack types held out of train."""
     parts = {name: table.of_split(name) for name in SPLITS}
     return "\n".join(f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
                      f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
-                     for name, part in parts.items())
+                     for name, part in parts.items()) + (
+        f"\nunseen attack types (in val and test, never in train): {', '.join(table.unseen_attacks)}"
+        if table.unseen_attacks else "")
 
 
 # -- Face crops and transforms -----------------------------------------------------------------------------------------
@@ -467,9 +486,8 @@ def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min
 
 
 def eval_transform(img_size):
-    """The deterministic resize of evaluation and prediction, uint8 tensor in and out. Bilinear with
-    antialiasing: from a cached crop the scale changes by 15 % at most, where it looks like bicubic and costs
-    half as much. (The train transforms are in the training scripts, where a reader changes them.)"""
+    """The resize of evaluation and prediction (the train transforms are in the training scripts), uint8 in and
+    out. Bilinear, antialiased: from a cached crop the scale changes by 15 % at most, where it matches bicubic."""
     return T.Resize((img_size, img_size), antialias=True)
 
 
@@ -592,8 +610,7 @@ class Loaders:
             batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
         loader = torch.utils.data.DataLoader(dataset, worker_init_fn=Loaders.ignore_stop_signals,
                                              persistent_workers=persistent and self.settings["num_workers"] > 0,
-                                             **batching,
-                                             **self.settings)
+                                             **batching, **self.settings)
         if len(loader) == 0:
             raise UserError(f"{len(dataset)} images are fewer than one batch of {self.batch_size}; lower --batch_size")
         return loader
@@ -679,8 +696,7 @@ class FaceCache:
         self.length = np.concatenate([np.diff(o) for o in offsets])
         self.undecodable = {int(row): reason for row, reason in manifest["undecodable"].items()}
         self.num_bytes = int(sum(o[-1] for o in offsets))
-        self.built_now = False  # set by build_face_cache when this call built it
-        self._maps = {}  # opened lazily, in each loader worker
+        self.built_now, self._maps = False, {}  # built_now: set by build_face_cache; maps: opened in each worker
 
     def __len__(self):
         return len(self.start)
@@ -869,9 +885,10 @@ def roc_auc(scores, labels):
     return float((ranks[labels == LIVE].sum() - n_live * (n_live + 1) / 2) / (n_live * n_spoof))
 
 
-def compute_metrics(scores, labels, attack_types, threshold=None):
+def compute_metrics(scores, labels, attack_types, threshold=None, unseen_attacks=()):
     """WFAS metrics of P(live) scores, live when score >= threshold (default: these scores' EER point; fit it
-    on val, never on test): threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer."""
+    on val, never on test): threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer; with
+    unseen_attacks also {seen,unseen}_{apcer,acer}: the attacks of the types train held or lacked, vs all live."""
     scores, labels, attack_types = check_scores(scores), np.asarray(labels), np.asarray(attack_types).astype(str)
     eer_point = eer_threshold(scores, labels)
     threshold = eer_point if threshold is None else threshold
@@ -880,7 +897,7 @@ def compute_metrics(scores, labels, attack_types, threshold=None):
     apcer, bpcer = rates["apcer"], rates["bpcer"]
     per_attack = {a: float(predicted_live[attack_types == a].mean())
                   for a in sorted(set(attack_types[labels == SPOOF]))}
-    return {
+    metrics = {
         "threshold": float(threshold),
         "acc": float((predicted_live == (labels == LIVE)).mean()) if len(labels) else float("nan"),
         "apcer": apcer,
@@ -892,12 +909,20 @@ def compute_metrics(scores, labels, attack_types, threshold=None):
         "worst_apcer": max(per_attack.values()) if per_attack else float("nan"),
         "num_images": int(len(labels)),
     }
+    for name, unseen in (("seen", False), ("unseen", True)) if unseen_attacks else ():
+        attacks = (labels == SPOOF) & (np.isin(attack_types, unseen_attacks) == unseen)
+        metrics[f"{name}_apcer"] = float(predicted_live[attacks].mean()) if attacks.any() else float("nan")
+        metrics[f"{name}_acer"] = (metrics[f"{name}_apcer"] + bpcer) / 2
+    return metrics
+
+
+METRIC_LABELS = {"acc": "ACC", "apcer": "APCER", "bpcer": "BPCER", "acer": "ACER", "auc": "AUC", "eer": "EER",
+                 "worst_apcer": "worst-attack APCER", "seen_apcer": "seen APCER", "seen_acer": "seen ACER",
+                 "unseen_apcer": "unseen APCER", "unseen_acer": "unseen ACER"}
 
 
 def format_metrics(metrics):
-    return (f"ACC {metrics['acc']:.4f}  APCER {metrics['apcer']:.4f}  BPCER {metrics['bpcer']:.4f}  "
-            f"ACER {metrics['acer']:.4f}  AUC {metrics['auc']:.4f}  EER {metrics['eer']:.4f}  "
-            f"worst-attack APCER {metrics['worst_apcer']:.4f}")
+    return "  ".join(f"{label} {metrics[key]:.4f}" for key, label in METRIC_LABELS.items() if key in metrics)
 
 
 @torch.no_grad()
@@ -934,7 +959,7 @@ def evaluate(model, loader, split_table, accelerator, mean, std, threshold=None,
     order = np.argsort(indices[ok], kind="stable")
     probs, indices = probs[ok][order], indices[ok][order]
     labels, attack_types = split_table.label[indices], np.array(split_table.attack_types())[indices]
-    metrics = compute_metrics(probs[:, 1], labels, attack_types, threshold)
+    metrics = compute_metrics(probs[:, 1], labels, attack_types, threshold, split_table.unseen_attacks)
     metrics.update(loss=float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
                    unreadable=int((~ok).sum()))
     return metrics, (np.array(split_table.paths())[indices], labels, attack_types, probs[:, 1])

@@ -1,10 +1,13 @@
 """The recipe's options: EMA of the weights, the challenge-valid preset, held-out (unseen) attack types."""
 import argparse
+import csv
 import json
 import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -12,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY_STAGE1, TINY_STAGE2, launch_two_processes, run_script, split_paths
 import train_stage1
 import train_stage2
-from tools import models
+import wfas_data
+from tools import make_demo, models
 
 
 def latest_file(exp, stage, name):
@@ -126,3 +130,77 @@ def test_a_run_that_breaks_a_rule_says_so_in_one_warning(stage1_run, tmp_path):
     warnings = [line for line in log.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "Not a valid WFAS challenge entry" in warnings[0]
     assert "pretrained teacher" in warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------- unseen attack types
+
+HELD_OUT = ["2D-Display-Phone", "3D-Mask"]
+
+
+def test_unseen_types_never_train_and_split_between_val_and_test_by_subject(demo_root):
+    unseen = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3, unseen_attacks=HELD_OUT)
+    plain = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3)
+    types, splits = np.array(unseen.attack_types()), np.array(wfas_data.SPLITS)[unseen.split]
+    held_out = np.isin(types, HELD_OUT)
+    assert held_out.sum() > 0 and not (splits[held_out] == "train").any()
+    for attack_type in HELD_OUT:
+        rows = types == attack_type
+        assert {"val", "test"} <= set(splits[rows])  # both hold each held-out type, as WFAS's dev and test do
+        assert abs((splits[rows] == "val").sum() - (splits[rows] == "test").sum()) <= 8  # 1:1, whole subjects
+        subjects = np.char.add(unseen.attack_type[rows], unseen.subject[rows])
+        assert all(len(set(splits[rows][subjects == s])) == 1 for s in set(subjects))
+    assert (unseen.split[~held_out] == plain.split[~held_out]).all()  # live and the seen types split as without it
+    assert unseen.unseen_attacks == tuple(sorted(HELD_OUT))
+
+
+@pytest.mark.parametrize("held_out, message", [
+    (["3D-Mask", "Paper-Cut"], "Paper-Cut: not an attack type of this data"),
+    (["live"], "live: not an attack type of this data"),
+    (list(make_demo.DEMO_ATTACK_TYPES), "holds out every attack type"),
+])
+def test_a_type_not_in_the_data_or_holding_out_every_type_is_one_line(demo_root, held_out, message):
+    with pytest.raises(wfas_data.UserError, match=message):
+        wfas_data.assign_splits(wfas_data.index_wfas(demo_root), unseen_attacks=held_out)
+
+
+def test_another_list_on_the_same_folder_is_refused(demo_root, tmp_path):
+    wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None, unseen_attacks=HELD_OUT)
+    assert json.loads((tmp_path / "split_source.json").read_text())["unseen_attacks"] == sorted(HELD_OUT)
+    again = wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None)  # stage 2: follows the record
+    assert again.unseen_attacks == tuple(sorted(HELD_OUT))
+    for other in (["3D-Mask"], []):
+        with pytest.raises(wfas_data.UserError, match="pass the same --unseen_attacks"):
+            wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None, unseen_attacks=other)
+    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
+                         str(tmp_path), *TINY_STAGE1, "--unseen_attacks", "3D-Mask"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "holds out the attack types" in result.stderr
+
+
+def recompute_groups(csv_path, threshold):
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    scores, labels = np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows])
+    types = np.array([r["attack_type"] for r in rows])
+    return wfas_data.compute_metrics(scores, labels, types, threshold, tuple(sorted(HELD_OUT))), types
+
+
+def test_both_stages_report_seen_and_unseen_types_as_the_prediction_csvs_give_them(demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    stage1 = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1,
+                                "--unseen_attacks", ",".join(HELD_OUT)])
+    assert not set(HELD_OUT) & {row.split("/")[2] for row in split_paths(exp, "train") if "/spoof/" in row}
+    final = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2])
+    reported = {"stage1": stage1["test"], "stage2": {k.removeprefix("test_"): v for k, v in final.items()}}
+    for stage, threshold in (("stage1", stage1["threshold"]), ("stage2", final["threshold"])):
+        again, types = recompute_groups(exp / f"{stage}_test_predictions.csv", threshold)
+        assert set(HELD_OUT) <= set(types)
+        for key in ("seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer", "apcer_per_attack"):
+            assert reported[stage][key] == again[key], (stage, key)
+        assert again["unseen_acer"] == (again["unseen_apcer"] + again["bpcer"]) / 2
+        log = next((exp / "logs" / stage).glob("*.log")).read_text()
+        assert "unseen ACER" in log and "seen APCER" in log
+    assert "unseen attack types (in val and test, never in train): 2D-Display-Phone, 3D-Mask" in log
+    report_md = (exp / "report.md").read_text()
+    assert "## Attack types never seen in training (test)" in report_md and "| 3D-Mask (unseen) |" in report_md
+    assert f"| student (stage 2) | {final['test_acer']:.4f} | {final['test_seen_apcer']:.4f} |" in report_md

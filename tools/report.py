@@ -231,6 +231,27 @@ def make_plots(output_dir, stage, log=print):
     return written
 
 
+def unseen_attack_section(split_source, stage1, final):
+    """report.md's lines on the attack types held out of train (--unseen_attacks): test APCER and ACER of the seen
+    and the unseen types (ACER with the BPCER of all live images), and APCER per type; none without them."""
+    unseen = split_source.get("unseen_attacks") or []
+    tests = [(name, metrics) for name, metrics in (
+        ("teacher (stage 1)", stage1 and stage1["test"]),
+        ("student (stage 2)", final and {k.removeprefix("test_"): v for k, v in final.items()})) if metrics]
+    if not unseen or not tests:
+        return []
+    lines = ["", "## Attack types never seen in training (test)", "", f"Held out of train: {', '.join(unseen)}.", "",
+             "| model | ACER (all) | seen APCER | seen ACER | unseen APCER | unseen ACER |", "|---" * 6 + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("acer", "seen_apcer", "seen_acer", "unseen_apcer",
+                                                                     "unseen_acer")) + " |" for name, m in tests]
+    types = sorted(set().union(*(m["apcer_per_attack"] for _, m in tests)))
+    lines += ["", "| attack type | " + " | ".join(f"{name}: APCER" for name, _ in tests) + " |",
+              "|---|" + "---|" * len(tests)]
+    lines += [f"| {t}{' (unseen)' if t in unseen else ''} | "
+              + " | ".join(f"{m['apcer_per_attack'].get(t, float('nan')):.4f}" for _, m in tests) + " |" for t in types]
+    return lines
+
+
 def write_report(output_dir):
     """EXP/report.md: the key metrics of both stages, their plots, the configuration and the data, at a glance.
     Built from the files in EXP, so either stage (or this tool) can (re)write it. Returns its path."""
@@ -257,6 +278,7 @@ def write_report(output_dir):
         lines += ["", f"Student: test ACER {final['test_acer']:.4f}, ACC {final['test_acc']:.4f}, worst-attack APCER "
                       f"{final['test_worst_apcer']:.4f}, on {final['num_test_images']} test images; best epoch "
                       f"{final['best_epoch']}."]
+    lines += unseen_attack_section(load("split_source.json") or {}, stage1, final)
     if final and final.get("operating_points"):
         lines += ["", "## Operating points of the student", "",
                   "Thresholds fitted on val for the error a deployment can afford; test is scored at each. "
