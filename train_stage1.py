@@ -266,9 +266,7 @@ def parse_with_config(parser, argv):
             config = json.loads(Path(config_file).read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read --config {config_file}: {error}") from None
-        known = {action.dest for action in parser._actions} - {"help", "config"}
-        unknown = sorted(set(config) - known)
-        if unknown:
+        if unknown := sorted(set(config) - ({action.dest for action in parser._actions} - {"help", "config"})):
             raise UserError(f"unknown key(s) {', '.join(unknown)} in {config_file}; valid keys are the flags of "
                             f"`python train_{STAGE}.py --help` without the dashes")
         parser.set_defaults(**config)
@@ -373,8 +371,7 @@ class Checkpoints:
         folder.mkdir(parents=True, exist_ok=True)
 
     def track_ema(self, net, decay):
-        """timm's EMA of net (after prepare(): on its device), saved in <stage>_latest beside accelerate's state
-        (as safetensors: accelerate would pickle it); None when decay is 0."""
+        """timm's EMA of net (on its device), saved in <stage>_latest as safetensors (not pickled); None at 0."""
         self.ema = ModelEmaV3(net, decay=decay, use_warmup=True) if decay else None
         return self.ema
 
@@ -543,8 +540,7 @@ class RunLog:
         return state["global_step"] >= self.total_updates
 
     def log_epoch(self, output_dir, epoch, train, val, meter, lr, improved):
-        self.images += meter.images
-        self.seconds += meter.seconds
+        self.images, self.seconds = self.images + meter.images, self.seconds + meter.seconds
         self.epochs += 1
         epochs_left = min(self.args.num_epochs - epoch - 1,
                           math.ceil((self.total_updates - self.state["global_step"]) / self.updates_per_epoch))

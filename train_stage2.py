@@ -60,25 +60,19 @@ def build_parser():
                        help="face box expansion before the square crop")
     group.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
     group.add_argument("--color_jitter", type=float, default=0.1, help="as for stage 1; 0 turns it off")
-    group.add_argument("--num_workers", type=int, default=None,
-                       help="loader workers per process (default: this node's cores shared by its processes, up to 12)")
-    group.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
-                       help="read face crops from the cache stage 1 built rather than decoding the photos each epoch")
-    group.add_argument("--face_cache_dir", help="where face caches live; share one between experiments on the same "
-                                                "data (default: EXP/face_cache)")
+    group.add_argument("--num_workers", type=int, default=None, help="loader workers per process (as for stage 1)")
+    group.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True, help="as for stage 1")
+    group.add_argument("--face_cache_dir", help="as for stage 1 (default: EXP/face_cache, stage 1's)")
     group.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction,
                        help="half live, half spoof batches (default: on when --triplet_weight > 0)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model_name", default="maxvit_base_tf_224", help="any timm model")
-    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from ImageNet weights")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet weights")
     group.add_argument("--pretrained_file", help="local .safetensors or .pth weights to start from")
-    group.add_argument("--model_cache_dir", help="where fetched weights are kept (default: EXP/model/stage2/<model>; "
-                                                 "tools/models.py fills it ahead of time)")
+    group.add_argument("--model_cache_dir", help="as for stage 1 (default: EXP/model/stage2/<model>)")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
-    group.add_argument("--channels_last", action="store_true", help="NHWC memory layout: faster convolutions with "
-                                                                   "AMP on GPUs, and for MaxViT on CPU (README)")
+    group.add_argument("--channels_last", action="store_true", help="NHWC memory layout (as for stage 1)")
 
     group = parser.add_argument_group("losses (a term's weight: --<term>_weight; see losses.STAGE2_TERMS)")
     group.add_argument("--focal_weight", type=float, default=1.0, help="weight of the focal loss")
@@ -103,13 +97,9 @@ def build_parser():
     group.add_argument("--model_ema_decay", type=float, default=0.0, help="as for stage 1 (e.g. 0.999); 0: off")
 
     group = parser.add_argument_group("checkpoints and logging")
-    group.add_argument("--resume_from_checkpoint",
-                       help="'latest' (starts fresh when there is no saved state yet, so a requeued job can "
-                            "rerun the same command) or a stage2_latest folder")
-    group.add_argument("--checkpointing_steps", type=int, default=0,
-                       help="also write stage2_latest every N updates, for a mid-epoch resume (0: per epoch)")
-    group.add_argument("--report_to", default="none",
-                       help="tensorboard, wandb, ... or all: any tracker accelerate supports")
+    group.add_argument("--resume_from_checkpoint", help="'latest' or a stage2_latest folder (as for stage 1)")
+    group.add_argument("--checkpointing_steps", type=int, default=0, help="as for stage 1 (0: per epoch)")
+    group.add_argument("--report_to", default="none", help="tensorboard, wandb, ... or all (as for stage 1)")
     return parser
 
 
@@ -121,10 +111,8 @@ def parse_args(argv=None):
     stage1_config = Path(args.output_dir) / "stage1_config.json"
     if args.data_root is None and stage1_config.is_file():
         args.data_root = json.loads(stage1_config.read_text()).get("data_root")
-    if args.soft_labels_path is None:
-        args.soft_labels_path = str(Path(args.output_dir) / "stage1_soft_labels.pth")
-    if args.balanced_sampling is None:
-        args.balanced_sampling = args.triplet_weight > 0
+    args.soft_labels_path = args.soft_labels_path or str(Path(args.output_dir) / "stage1_soft_labels.pth")
+    args.balanced_sampling = args.triplet_weight > 0 if args.balanced_sampling is None else args.balanced_sampling
     if args.balanced_sampling and args.batch_size < 2:
         raise UserError(f"--balanced_sampling puts half live, half spoof images in each batch and needs "
                         f"--batch_size 2 or more (got {args.batch_size}); or pass --no-balanced_sampling")
@@ -145,11 +133,9 @@ class LogitsAndEmbedding(torch.nn.Module):
 
 
 class BalancedBatchSampler(torch.utils.data.Sampler):
-    """Batches of half live, half spoof images, so that every batch holds the positives and negatives the
-    triplet loss needs; the smaller class is cycled. An epoch has as many batches as a plain pass would.
-
-    Every process draws the same sequence from (seed, epoch); accelerate then gives each process its own
-    share of the batches, which keeps them balanced under DDP."""
+    """Batches of half live, half spoof images, so that every batch holds the positives and negatives the triplet
+    loss needs; the smaller class is cycled, and an epoch has as many batches as a plain pass. Every process draws
+    the same sequence from (seed, epoch); accelerate gives each its share of the batches: balanced under DDP."""
 
     def __init__(self, labels, batch_size, seed=0):
         self.live, self.spoof = np.flatnonzero(labels == LIVE), np.flatnonzero(labels == SPOOF)
@@ -214,9 +200,8 @@ def load_soft_labels(path, splits):
 
 
 def train_transform(img_size):
-    """The student's train augmentation, run per image in the loader workers (uint8 in and out): a mild random
-    zoom into the face crop (the face cache stores the box times --face_crop_scale at img_size / 0.875, so
-    scale < 1 only zooms in; zooming out needs a larger --face_crop_scale) and a horizontal flip."""
+    """The student's train augmentation, per image in the loader workers (uint8 in and out): as stage 1's, a mild
+    zoom into the face crop (the cache's crop is the box x --face_crop_scale: to zoom out, raise it) and a flip."""
     return T.Compose([T.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
                       T.RandomHorizontalFlip()])
 
@@ -242,16 +227,15 @@ def main(argv=None):
         accelerator, args, table, student, log_file, ", class-balanced" if args.balanced_sampling else "")
     logger.info(f"Soft labels {args.soft_labels_path}: {len(splits['train']) - num_fallback} train images, "
                 f"{num_fallback} fall back to their hard label")
-    # one criterion, built once; each term's weight is its --<term>_weight flag
-    term_weights = {name: getattr(args, f"{name}_weight") for name in losses.STAGE2_TERMS}
+    term_weights = {name: getattr(args, f"{name}_weight") for name in losses.STAGE2_TERMS}  # --<term>_weight
     term_settings = dict(focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
                          triplet_margin=args.triplet_margin, kd_temperature=args.kd_temperature)
-    criterion = functools.partial(losses.stage2_loss, term_weights=term_weights, **term_settings)
+    criterion = functools.partial(losses.stage2_loss, term_weights=term_weights, **term_settings)  # built once
     logger.info("Loss = " + " + ".join(f"{weight:g} {name}" for name, weight in term_weights.items())
                 + f" ({', '.join(f'{k} {v}' for k, v in term_settings.items())})")
 
-    labels = splits["train"].label
-    sampler = BalancedBatchSampler(labels, args.batch_size, args.seed) if args.balanced_sampling else None
+    sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed) if args.balanced_sampling \
+        else None
     train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler, persistent=True)
     val_loader = loaders.make(datasets["val"], persistent=True)
     net = LogitsAndEmbedding(student)
@@ -315,15 +299,13 @@ def main(argv=None):
     operating_points = report.operating_points(val_rows[3], val_rows[1], test_rows[3], test_rows[1])
     stage1_results = output_dir / "stage1_results.json"
     teacher_test = json.loads(stage1_results.read_text())["test"] if stage1_results.is_file() else {}
-    results = {
-        **{f"test_{k}": test[k] for k in ("acc", "acer", "apcer", "bpcer", "auc", "eer", "apcer_per_attack",
-                                          "seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer") if k in test},
-        "test_worst_apcer": test["worst_apcer"], "threshold": val["threshold"], "operating_points": operating_points,
-        "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"], "best_epoch": state["best_epoch"] + 1,
-        "num_test_images": test["num_images"], "num_val_images": val["num_images"],
+    results = {  # test_: every test metric (with --unseen_attacks, of the seen and unseen types too)
+        **{f"test_{k}": v for k, v in test.items() if k not in ("threshold", "num_images", "loss", "unreadable")},
+        "threshold": val["threshold"], "operating_points": operating_points, "best_epoch": state["best_epoch"] + 1,
+        "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"], "num_val_images": val["num_images"],
+        "num_test_images": test["num_images"], "num_soft_label_fallbacks": num_fallback,
         "teacher_test_acer": teacher_test.get("acer"), "teacher_test_acc": teacher_test.get("acc"),
-        "num_soft_label_fallbacks": num_fallback, "model_name": args.model_name, "img_size": img_size,
-        **run_log.totals(), "compute": compute,
+        "model_name": args.model_name, "img_size": img_size, **run_log.totals(), "compute": compute,
     }
     logger.info(f"Best epoch {results['best_epoch']}: val {wfas_data.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
@@ -334,18 +316,16 @@ def main(argv=None):
         wfas_data.write_predictions(output_dir / "stage2_val_predictions.csv", *val_rows)
         wfas_data.write_predictions(output_dir / "stage2_test_predictions.csv", *test_rows)
         wfas_data.write_json(output_dir / "final_results.json", results)
-        logger.info(f"Wrote {output_dir / 'final_results.json'} and the per-image predictions")
-        logger.info(f"Report: {report.write_all(output_dir, (STAGE,), log=logger.warning)} (plots in "
-                    f"{output_dir / 'plots'})")
+        logger.info(f"Wrote {output_dir / 'final_results.json'}, the per-image predictions and the report "
+                    f"{report.write_all(output_dir, (STAGE,), log=logger.warning)} (plots in {output_dir / 'plots'})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared with train_stage1.py: each helper below is a copy of train_stage1.py's, under its marker. Edit them
-# there, then run `python tests/test_copies.py --fix`; the test suite fails when a copy drifts.
-# ----------------------------------------------------------------------------------------------------------
+# Shared with train_stage1.py: each helper below is a copy of train_stage1.py's, under its marker. Edit them there,
+# then run `python tests/test_copies.py --fix`; the test suite fails when a copy drifts.
 
 # Copied from train_stage1.py
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -367,9 +347,7 @@ def parse_with_config(parser, argv):
             config = json.loads(Path(config_file).read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read --config {config_file}: {error}") from None
-        known = {action.dest for action in parser._actions} - {"help", "config"}
-        unknown = sorted(set(config) - known)
-        if unknown:
+        if unknown := sorted(set(config) - ({action.dest for action in parser._actions} - {"help", "config"})):
             raise UserError(f"unknown key(s) {', '.join(unknown)} in {config_file}; valid keys are the flags of "
                             f"`python train_{STAGE}.py --help` without the dashes")
         parser.set_defaults(**config)
@@ -479,8 +457,7 @@ class Checkpoints:
         folder.mkdir(parents=True, exist_ok=True)
 
     def track_ema(self, net, decay):
-        """timm's EMA of net (after prepare(): on its device), saved in <stage>_latest beside accelerate's state
-        (as safetensors: accelerate would pickle it); None when decay is 0."""
+        """timm's EMA of net (on its device), saved in <stage>_latest as safetensors (not pickled); None at 0."""
         self.ema = ModelEmaV3(net, decay=decay, use_warmup=True) if decay else None
         return self.ema
 
@@ -651,8 +628,7 @@ class RunLog:
         return state["global_step"] >= self.total_updates
 
     def log_epoch(self, output_dir, epoch, train, val, meter, lr, improved):
-        self.images += meter.images
-        self.seconds += meter.seconds
+        self.images, self.seconds = self.images + meter.images, self.seconds + meter.seconds
         self.epochs += 1
         epochs_left = min(self.args.num_epochs - epoch - 1,
                           math.ceil((self.total_updates - self.state["global_step"]) / self.updates_per_epoch))
