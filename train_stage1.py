@@ -10,6 +10,7 @@ stage1_{val,test}_predictions.csv, stage1_results.json, plots/ and report.md.
 Exporting, scoring and the weights cache are programs of their own in tools/ (see the README).
 """
 import argparse
+import csv
 import datetime
 import functools
 import json
@@ -23,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
@@ -96,6 +98,10 @@ def build_parser():
     group.add_argument("--max_train_steps", type=int, default=None, help="stop after this many updates (smoke runs)")
     group.add_argument("--seed", type=int, default=42, help="seed of the split, the shuffle and the model init")
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
+    group.add_argument("--soft_label_folds", type=int, default=1, metavar="K",
+                       help="K > 1: K teachers, each trained on K-1 subject-disjoint folds of train, label the fold "
+                            "they never saw (out-of-fold soft labels carry the teacher's uncertainty); 1: one "
+                            "teacher labels its own training images")
     group.add_argument("--model_ema_decay", type=float, default=0.0,
                        help="keep timm's EMA of the weights (ModelEmaV3, with its decay warm-up; e.g. 0.999) and "
                             "validate, keep and deploy it; 0 turns it off")
@@ -119,6 +125,9 @@ def parse_args(argv=None):
     if not timm.is_model(args.model_name):
         raise UserError(f"--model_name {args.model_name} is not a timm model; "
                         f"e.g. {', '.join(timm.list_models('convnext_*')[:6])}")
+    if args.soft_label_folds < 1 or args.soft_label_folds > 1 and args.resume_from_checkpoint not in (None, "latest"):
+        raise UserError(f"--soft_label_folds {args.soft_label_folds}: give 1 or more, and resume its run with "
+                        "--resume_from_checkpoint latest (each fold resumes from its own state)")
     return args
 
 
@@ -131,14 +140,46 @@ def train_transform(img_size):
                       T.RandomHorizontalFlip()])
 
 
-def write_soft_labels(path, table, probs, indices):
+def assign_folds(train, num_folds, seed):
+    """A fold 0..num_folds-1 per train image (all 0 for one fold): subject-disjoint and stratified by attack type
+    as the split is; within a type the shuffled subjects go, one by one, to the fold with the fewest images of
+    that type (ties: the fewest images in all)."""
+    folds, rng = np.zeros(len(train), dtype=np.int64), np.random.default_rng((seed, num_folds))
+    total = np.zeros(num_folds)
+    for attack_type in np.unique(train.attack_type) if num_folds > 1 else []:
+        in_type = np.flatnonzero(train.attack_type == attack_type)
+        subjects, subject_of_row, counts = np.unique(train.subject[in_type], return_inverse=True, return_counts=True)
+        fold_of_subject, taken = np.zeros(len(subjects), dtype=np.int64), np.zeros(num_folds)
+        for subject in rng.permutation(len(subjects)):
+            fold_of_subject[subject] = fold = np.lexsort((total, taken))[0]
+            taken[fold], total[fold] = taken[fold] + counts[subject], total[fold] + counts[subject]
+        folds[in_type] = fold_of_subject[subject_of_row]
+    return folds
+
+
+def mean_of_folds(fold_rows, split_table, threshold=None):
+    """Metrics and rows of the fold teachers' mean P(live) over a split (their rows list the same images)."""
+    paths, labels, attack_types, _ = fold_rows[0]
+    scores = np.mean([rows[3] for rows in fold_rows], axis=0)
+    metrics = wfas_data.compute_metrics(scores, labels, attack_types, threshold, split_table.unseen_attacks)
+    true_class_probs = np.where(labels == wfas_data.LIVE, scores, 1 - scores)
+    metrics["loss"] = float(-np.log(np.clip(true_class_probs, 1e-12, None)).mean())
+    return metrics, (paths, labels, attack_types, scores)
+
+
+def write_folds(path, train, folds):
+    """path,fold of every train image: which teacher labelled it (and which did not train on it)."""
+    tmp = wfas_data.aside(path)
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "fold"), *zip(train.paths(), folds.tolist())])
+    os.replace(tmp, path)
+
+
+def write_soft_labels(path, soft_labels):
     """{relative image path: [prob_spoof, prob_live]}, loadable with torch.load(..., weights_only=True)."""
-    paths = table.paths()
-    soft_labels = {paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices, probs)}
     tmp = wfas_data.aside(path)
     torch.save(soft_labels, tmp)
     os.replace(tmp, path)
-    return len(soft_labels)
 
 
 def main(argv=None):
@@ -146,91 +187,138 @@ def main(argv=None):
     start_time = time.time()
     output_dir = Path(args.output_dir)
     accelerator, log_file = start_run(args, output_dir)
-    checkpoints = Checkpoints(accelerator, output_dir)
 
     def load_split_and_model():  # the main process writes split.csv and fetches the weights first
         split_table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction,
                                                      args.test_fraction, args.seed, logger.info, args.unseen_attacks)
-        return split_table, models.create_model(args.model_name, args.img_size, args.pretrained, args.pretrained_file,
-                                         args.model_cache_dir, args.drop_path_rate)
+        return split_table, new_teacher()
+
+    def new_teacher():
+        return models.create_model(args.model_name, args.img_size, args.pretrained, args.pretrained_file,
+                                   args.model_cache_dir, args.drop_path_rate)
 
     table, teacher = main_process_first(accelerator, load_split_and_model)
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     mean, std, img_size, compute, loaders, cache, datasets = prepare_data(accelerator, args, table, teacher, log_file)
+    num_folds, best_metadata = args.soft_label_folds, {"model_name": args.model_name, "img_size": str(img_size),
+                                                       "face_crop_scale": str(args.face_crop_scale), "compute": compute}
+    folds = assign_folds(splits["train"], num_folds, args.seed)
+    if num_folds > 1:
+        logger.info(f"Out-of-fold soft labels: {num_folds} teachers, each trained on {num_folds - 1} of {num_folds} "
+                    f"subject-disjoint folds of train and labelling the other ({np.bincount(folds).tolist()} images)")
+    fold_summaries, soft_labels, undecodable, val_rows, test_rows = [], {}, [], [], []
+    for fold in range(num_folds):  # one fold: the teacher trains on all of train and labels its own images
+        fold_start, name = time.time(), STAGE if num_folds == 1 else f"{STAGE}_fold{fold}"
+        if fold > 0:  # a fresh teacher, the same way: accelerate forgets the last one, whose state is saved
+            accelerator.free_memory()
+            set_seed(args.seed + fold)
+            teacher = new_teacher()
+            if args.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        trained_on = splits["train"].select(folds != fold) if num_folds > 1 else splits["train"]
+        checkpoints = Checkpoints(accelerator, output_dir, name)
+        train_loader = loaders.make(wfas_data.FaceDataset(trained_on, img_size, train_transform(img_size),
+                                                          args.face_crop_scale, cache), shuffle=True, persistent=True)
+        val_loader = loaders.make(datasets["val"], persistent=True)
+        optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+        model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
+        set_seed(args.seed + fold, device_specific=True)
+        ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
+        scheduler, total_updates, updates_per_epoch = build_scheduler(optimizer, args, len(train_loader))
+        state, skip_batches = checkpoints.resume(args, updates_per_epoch)
+        if state.setdefault("soft_label_folds", num_folds) != num_folds:
+            raise UserError(f"{checkpoints.latest_dir} was saved by a run with --soft_label_folds "
+                            f"{state['soft_label_folds']}: resume with it, or start a new --output_dir")
+        scheduler.step_update(state["global_step"])
 
-    train_loader = loaders.make(datasets["train"], shuffle=True, persistent=True)
-    val_loader = loaders.make(datasets["val"], persistent=True)
-    optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
-    set_seed(args.seed, device_specific=True)
-    ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
-    scheduler, total_updates, updates_per_epoch = build_scheduler(optimizer, args, len(train_loader))
-    state, skip_batches = checkpoints.resume(args, updates_per_epoch)
-    scheduler.step_update(state["global_step"])
-
-    stopper = StopOnSignal(train_loader, val_loader)
-    run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, desc="stage 1")
-    best_metadata = {"model_name": args.model_name, "img_size": str(img_size),
-                     "face_crop_scale": str(args.face_crop_scale), "compute": compute}
-    for epoch in range(state["epoch"] + 1, args.num_epochs):
-        if state["global_step"] >= total_updates:
-            break
-        model.train()
-        train_loader.set_epoch(epoch)
-        meter = EpochMeter(accelerator, state)
-        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        skip_batches = 0  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
-        for batch in meter.timed(batches):
-            with accelerator.accumulate(model):
-                images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
-                # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
-                loss = losses.cross_entropy(model(images), batch["label"], weights=batch["ok"].float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                if ema is not None and accelerator.sync_gradients:
-                    ema.update(teacher, step=state["global_step"] + 1)
-            meter.add(batch, loss)
-            if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
+        stopper = StopOnSignal(train_loader, val_loader)
+        run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time,
+                         "stage 1" + (f" fold {fold + 1}/{num_folds}" if num_folds > 1 else ""),
+                         "summary.csv" if num_folds == 1 else f"summary_fold{fold}.csv")
+        for epoch in range(state["epoch"] + 1, args.num_epochs):
+            if state["global_step"] >= total_updates:
                 break
-        train = meter.finish()
-        val, _ = wfas_data.evaluate(ema or model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
-        improved = checkpoints.keep_best(state, epoch, val, ema.module if ema else teacher, best_metadata)
-        checkpoints.save_latest(state)
-        run_log.log_epoch(output_dir, epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
-        if stopper.requested(accelerator):
-            stopper.stop(checkpoints.latest_dir, state)
-    run_log.progress.close()
-    stopper.restore()
-    checkpoints.load_best(teacher)
+            model.train()
+            train_loader.set_epoch(epoch)
+            meter = EpochMeter(accelerator, state)
+            batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+            skip_batches = 0  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
+            for batch in meter.timed(batches):
+                with accelerator.accumulate(model):
+                    images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
+                    # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
+                    loss = losses.cross_entropy(model(images), batch["label"], weights=batch["ok"].float())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.update(teacher, step=state["global_step"] + 1)
+                meter.add(batch, loss)
+                if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
+                    break
+            train = meter.finish()
+            val, _ = wfas_data.evaluate(ema or model, val_loader, splits["val"], accelerator, mean, std,
+                                        log_warning=warn)
+            improved = checkpoints.keep_best(state, epoch, val, ema.module if ema else teacher, best_metadata)
+            checkpoints.save_latest(state)
+            run_log.log_epoch(output_dir, epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
+            if stopper.requested(accelerator):
+                stopper.stop(checkpoints.latest_dir, state)
+        run_log.progress.close()
+        stopper.restore()
+        checkpoints.load_best(teacher)
 
-    # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
-    best_val, val_rows = wfas_data.evaluate(model, val_loader, splits["val"], accelerator, mean, std, tta=args.tta,
+        # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
+        fold_val, rows = wfas_data.evaluate(model, val_loader, splits["val"], accelerator, mean, std, tta=args.tta,
                                             log_warning=warn)
-    logger.info(f"Best epoch {state['best_epoch'] + 1}: val {wfas_data.format_metrics(best_val)}")
-    test_loader = accelerator.prepare(loaders.make(datasets["test"]))
-    test, test_rows = wfas_data.evaluate(model, test_loader, splits["test"], accelerator, mean, std,
-                                         best_val["threshold"], args.tta, desc="test", log_warning=warn)
-    logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
+        val_rows.append(rows)
+        test_loader = accelerator.prepare(loaders.make(datasets["test"]))
+        test_rows.append(wfas_data.evaluate(model, test_loader, splits["test"], accelerator, mean, std, tta=args.tta,
+                                            desc="test", log_warning=warn)[1])
+        labelled = splits["train"].select(folds == fold)
+        soft_dataset = wfas_data.FaceDataset(labelled, img_size, face_crop_scale=args.face_crop_scale, cache=cache)
+        soft_loader = accelerator.prepare(loaders.make(soft_dataset))
+        probs, indices, ok = wfas_data.predict_probs(model, soft_loader, accelerator, mean, std, args.tta,
+                                                     "soft labels", warn)
+        paths = labelled.paths()
+        soft_labels.update({paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices[ok], probs[ok])})
+        undecodable += [paths[i] for i in indices[~ok]]
+        fold_summaries.append({"fold": fold, "train_images": len(trained_on), "labelled_images": len(labelled),
+                               "best_epoch": state["best_epoch"] + 1, "val_acer": fold_val["acer"],
+                               "updates": state["global_step"], "seconds": round(time.time() - fold_start, 1),
+                               "checkpoint": str(checkpoints.best_path)})
+        if num_folds > 1:
+            logger.info(f"Fold {fold + 1}/{num_folds}: trained on {len(trained_on)} images, best epoch "
+                        f"{state['best_epoch'] + 1} (val ACER {fold_val['acer']:.4f}), labelled {len(labelled)} "
+                        f"images it never saw, {datetime.timedelta(seconds=round(time.time() - fold_start))}")
 
-    soft_dataset = wfas_data.FaceDataset(splits["train"], img_size, face_crop_scale=args.face_crop_scale, cache=cache)
-    soft_loader = accelerator.prepare(loaders.make(soft_dataset))
-    probs, indices, ok = wfas_data.predict_probs(model, soft_loader, accelerator, mean, std, args.tta, "soft labels",
-                                                 warn)
+    # The teacher's val and test: the mean of the fold teachers' scores (one fold: its own), the threshold on val.
+    best_val, val_rows = mean_of_folds(val_rows, splits["val"])
+    test, test_rows = mean_of_folds(test_rows, splits["test"], best_val["threshold"])
+    best_fold = min(fold_summaries, key=lambda summary: summary["val_acer"])
+    logger.info((f"Teacher (mean of {num_folds} fold teachers)" if num_folds > 1 else
+                 f"Best epoch {best_fold['best_epoch']}") + f": val {wfas_data.format_metrics(best_val)}")
+    logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
     soft_labels_path = output_dir / f"{STAGE}_soft_labels.pth"
-    train_paths = splits["train"].paths()
     results = {
-        "best_epoch": state["best_epoch"] + 1, "val": best_val, "test": test, "threshold": best_val["threshold"],
-        "soft_labels_path": str(soft_labels_path), "num_soft_labels": int(ok.sum()),
+        "best_epoch": best_fold["best_epoch"], "val": best_val, "test": test, "threshold": best_val["threshold"],
+        "soft_labels_path": str(soft_labels_path), "num_soft_labels": len(soft_labels),
         "num_train_images": len(splits["train"]),
         # stage 2 checks the soft labels' coverage against the images that could be read
-        "undecodable_train_images": sorted(train_paths[i] for i in indices[~ok]),
+        "undecodable_train_images": sorted(undecodable),
+        "soft_label_folds": {"num_folds": num_folds, "file": str(output_dir / f"{STAGE}_folds.csv"),
+                             "deployed": best_fold["checkpoint"], "folds": fold_summaries},
         **run_log.totals(), "compute": compute,
     }
     if accelerator.is_main_process:
-        write_soft_labels(soft_labels_path, splits["train"], probs[ok], indices[ok])
+        if num_folds > 1:  # the deployable teacher: the fold teacher with the best val ACER
+            deployed = checkpoints.best_path.with_name(f"{STAGE}_best.safetensors")
+            shutil.copyfile(best_fold["checkpoint"], wfas_data.aside(deployed))
+            os.replace(wfas_data.aside(deployed), deployed)
+        write_folds(output_dir / f"{STAGE}_folds.csv", splits["train"], folds)
+        write_soft_labels(soft_labels_path, soft_labels)
         wfas_data.write_predictions(output_dir / f"{STAGE}_val_predictions.csv", *val_rows)
         wfas_data.write_predictions(output_dir / f"{STAGE}_test_predictions.csv", *test_rows)
         wfas_data.write_json(output_dir / f"{STAGE}_results.json", results)
@@ -365,9 +453,9 @@ class Checkpoints:
     (accelerate's state: model, optimizer, RNG, sampler; and ours: the last finished epoch, the images of the next
     one trained over all processes, the updates, the best so far). Both are written aside and renamed."""
 
-    def __init__(self, accelerator, output_dir):
+    def __init__(self, accelerator, output_dir, name=STAGE):
         self.accelerator, self.ema, folder = accelerator, None, Path(output_dir) / "checkpoints" / STAGE
-        self.best_path, self.latest_dir = folder / f"{STAGE}_best.safetensors", folder / f"{STAGE}_latest"
+        self.best_path, self.latest_dir = folder / f"{name}_best.safetensors", folder / f"{name}_latest"
         folder.mkdir(parents=True, exist_ok=True)
 
     def track_ema(self, net, decay):
@@ -514,9 +602,9 @@ class RunLog:
     """Progress, throughput and ETA; per epoch the log line, summary.csv and the trackers, derived from the loss
     parts, so that a new loss term shows up everywhere by itself."""
 
-    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc):
+    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc, summary):
         self.accelerator, self.args, self.state, self.start_time = accelerator, args, state, start_time
-        self.total_updates, self.updates_per_epoch = total_updates, updates_per_epoch
+        self.total_updates, self.updates_per_epoch, self.summary = total_updates, updates_per_epoch, summary
         self.images, self.seconds, self.epochs, self.loop_start = 0, 0.0, 0, time.time()
         self.progress = wfas_data.progress_bar(total=total_updates, initial=state["global_step"], desc=desc,
                                                disable=not accelerator.is_local_main_process)
@@ -554,7 +642,7 @@ class RunLog:
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {meter.undecodable} undecodable images skipped" if meter.undecodable else ""))
         if self.accelerator.is_main_process:
-            report.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
+            report.write_summary_row(output_dir / "logs" / STAGE / self.summary, {
                 "epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                 **{f"val_{k}": val[k] for k in ("loss", "acer", "apcer", "bpcer", "auc")}, "lr": lr,
                 "images_per_second": speed, "data_wait_share": wait})

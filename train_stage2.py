@@ -249,7 +249,7 @@ def main(argv=None):
     scheduler.step_update(state["global_step"])
 
     stopper = StopOnSignal(train_loader, val_loader)
-    run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, desc="stage 2")
+    run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, "stage 2", "summary.csv")
     best_metadata = {"model_name": args.model_name, "img_size": str(img_size),
                      "face_crop_scale": str(args.face_crop_scale), "compute": compute}
     for epoch in range(state["epoch"] + 1, args.num_epochs):
@@ -451,9 +451,9 @@ class Checkpoints:
     (accelerate's state: model, optimizer, RNG, sampler; and ours: the last finished epoch, the images of the next
     one trained over all processes, the updates, the best so far). Both are written aside and renamed."""
 
-    def __init__(self, accelerator, output_dir):
+    def __init__(self, accelerator, output_dir, name=STAGE):
         self.accelerator, self.ema, folder = accelerator, None, Path(output_dir) / "checkpoints" / STAGE
-        self.best_path, self.latest_dir = folder / f"{STAGE}_best.safetensors", folder / f"{STAGE}_latest"
+        self.best_path, self.latest_dir = folder / f"{name}_best.safetensors", folder / f"{name}_latest"
         folder.mkdir(parents=True, exist_ok=True)
 
     def track_ema(self, net, decay):
@@ -602,9 +602,9 @@ class RunLog:
     """Progress, throughput and ETA; per epoch the log line, summary.csv and the trackers, derived from the loss
     parts, so that a new loss term shows up everywhere by itself."""
 
-    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc):
+    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc, summary):
         self.accelerator, self.args, self.state, self.start_time = accelerator, args, state, start_time
-        self.total_updates, self.updates_per_epoch = total_updates, updates_per_epoch
+        self.total_updates, self.updates_per_epoch, self.summary = total_updates, updates_per_epoch, summary
         self.images, self.seconds, self.epochs, self.loop_start = 0, 0.0, 0, time.time()
         self.progress = wfas_data.progress_bar(total=total_updates, initial=state["global_step"], desc=desc,
                                                disable=not accelerator.is_local_main_process)
@@ -642,7 +642,7 @@ class RunLog:
                     f"ETA {datetime.timedelta(seconds=round(eta))}" + ("  (best)" if improved else "")
                     + (f"  {meter.undecodable} undecodable images skipped" if meter.undecodable else ""))
         if self.accelerator.is_main_process:
-            report.write_summary_row(output_dir / "logs" / STAGE / "summary.csv", {
+            report.write_summary_row(output_dir / "logs" / STAGE / self.summary, {
                 "epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                 **{f"val_{k}": val[k] for k in ("loss", "acer", "apcer", "bpcer", "auc")}, "lr": lr,
                 "images_per_second": speed, "data_wait_share": wait})

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,7 +17,7 @@ from conftest import REPO, TINY_STAGE1, TINY_STAGE2, launch_two_processes, run_s
 import train_stage1
 import train_stage2
 import wfas_data
-from tools import make_demo, models
+from tools import common, make_demo, models
 
 
 def latest_file(exp, stage, name):
@@ -204,3 +205,94 @@ def test_both_stages_report_seen_and_unseen_types_as_the_prediction_csvs_give_th
     report_md = (exp / "report.md").read_text()
     assert "## Attack types never seen in training (test)" in report_md and "| 3D-Mask (unseen) |" in report_md
     assert f"| student (stage 2) | {final['test_acer']:.4f} | {final['test_seen_apcer']:.4f} |" in report_md
+
+
+# ---------------------------------------------------------------------------------------------- out-of-fold soft labels
+
+def read_folds(exp):
+    with open(exp / "stage1_folds.csv") as f:
+        return {row["path"]: int(row["fold"]) for row in csv.DictReader(f)}
+
+
+def fold_teacher_probs(exp, fold, paths):
+    """P(spoof), P(live) of the given train images by one fold's kept teacher, through the run's own face cache."""
+    table = wfas_data.load_or_create_split(json.loads((exp / "stage1_config.json").read_text())["data_root"], exp,
+                                           log=lambda _: None)
+    train = table.of_split("train")
+    rows = train.select(np.isin(train.paths(), paths))
+    cache = wfas_data.build_face_cache(table, exp / "face_cache", 64, log=lambda _: None, workers=0)
+    net = timm.create_model("convnext_atto", num_classes=2)
+    net.load_state_dict(load_file(exp / "checkpoints" / "stage1" / f"stage1_fold{fold}_best.safetensors"))
+    images = torch.stack([wfas_data.FaceDataset(rows, 64, cache=cache)[i]["image"] for i in range(len(rows))])
+    with torch.no_grad():
+        probs = net.eval()(wfas_data.to_model_input(images, *common.normalisation(net))).softmax(-1)
+    return dict(zip(rows.paths(), probs.tolist()))
+
+
+def test_every_soft_label_comes_from_the_teacher_that_never_trained_on_it(demo_root, tmp_path):
+    exp = tmp_path / "EXP"
+    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1,
+                                 "--soft_label_folds", "3"])
+    folds, train = read_folds(exp), split_paths(exp, "train")
+    assert sorted(folds) == sorted(train) and set(folds.values()) == {0, 1, 2}
+    subjects = {}
+    for path, fold in folds.items():  # a subject (its folder) lies in one fold
+        subjects.setdefault(path.rsplit("/", 1)[0], set()).add(fold)
+    assert all(len(f) == 1 for f in subjects.values())
+    recorded = results["soft_label_folds"]["folds"]
+    assert [f["train_images"] for f in recorded] == [sum(v != k for v in folds.values()) for k in range(3)]
+    soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
+    assert set(soft_labels) == set(train)
+    for fold in range(3):
+        own = [p for p, f in folds.items() if f == fold]
+        for path, probs in fold_teacher_probs(exp, fold, own).items():
+            assert probs == pytest.approx(soft_labels[path], abs=1e-5), (fold, path)
+    deployed = load_file(exp / "checkpoints" / "stage1" / "stage1_best.safetensors")
+    assert results["soft_label_folds"]["deployed"].endswith(f"stage1_fold{np.argmin([f['val_acer'] for f in recorded])}"
+                                                            "_best.safetensors")
+    kept = load_file(results["soft_label_folds"]["deployed"])
+    assert all(torch.equal(deployed[k], kept[k]) for k in kept)
+    # the reported teacher is the fold teachers' mean, and the CSVs give its numbers back
+    again, _ = recompute_groups(exp / "stage1_test_predictions.csv", results["threshold"])
+    assert again["acer"] == results["test"]["acer"] and "mean of 3 fold teachers" in next(
+        (exp / "logs" / "stage1").glob("*.log")).read_text()
+
+
+def test_a_k_fold_run_killed_in_its_second_fold_resumes_there(demo_root, tmp_path):
+    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
+               "--soft_label_folds", "3"]
+    assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
+    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    in_second_fold = False
+    for line in killed.stdout:
+        in_second_fold = in_second_fold or "Fold 1/3:" in line
+        if in_second_fold and "epoch 1/2" in line:  # the second fold's first epoch, its state written
+            killed.kill()
+            break
+    killed.wait()
+    assert in_second_fold and not (tmp_path / "B" / "stage1_soft_labels.pth").exists()
+    resumed = run_script(command + ["--output_dir", str(tmp_path / "B"), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage1_fold0_latest: epoch 2 of 2 done" in resumed.stdout  # the first fold is not trained again
+    assert "stage1_fold1_latest: epoch 1 of 2 done" in resumed.stdout
+    assert "No saved state in" in resumed.stdout and "stage1_fold2_latest" in resumed.stdout
+    runs = {run: json.loads((tmp_path / run / "stage1_results.json").read_text()) for run in "AB"}
+    assert [f["updates"] for f in runs["A"]["soft_label_folds"]["folds"]] == [
+        f["updates"] for f in runs["B"]["soft_label_folds"]["folds"]]
+    uninterrupted, after_resume = (torch.load(tmp_path / run / "stage1_soft_labels.pth", weights_only=True)
+                                   for run in "AB")
+    assert uninterrupted == after_resume  # every image labelled by the same fold teacher, trained the same way
+    assert read_folds(tmp_path / "A") == read_folds(tmp_path / "B")
+    other = run_script(command[:-1] + ["2", "--output_dir", str(tmp_path / "B"), "--resume_from_checkpoint", "latest"])
+    assert other.returncode == 2 and "--soft_label_folds 3: resume with it" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_folds_under_two_processes_label_every_train_image_once(demo_root, tmp_path):
+    result = launch_two_processes("train_stage1.py", ["--data_root", str(demo_root), "--output_dir", str(tmp_path),
+                                                      *TINY_STAGE1, "--soft_label_folds", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    soft_labels = torch.load(tmp_path / "stage1_soft_labels.pth", weights_only=True)
+    assert sorted(soft_labels) == sorted(split_paths(tmp_path, "train")) == sorted(read_folds(tmp_path))
+    assert result.stdout.count("Fold ") >= 2

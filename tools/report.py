@@ -86,10 +86,16 @@ def write_all(output_dir, stages=("stage1", "stage2"), log=print, force=True):
     return write_report(output_dir)
 
 
+def summary_files(output_dir, stage):
+    """logs/<stage>/summary.csv, or with --soft_label_folds one summary_fold<k>.csv per fold teacher."""
+    logs = Path(output_dir) / "logs" / stage
+    return [logs / "summary.csv"] if (logs / "summary.csv").is_file() else sorted(logs.glob("summary_fold*.csv"))
+
+
 def plots_up_to_date(output_dir, stage):
     """Whether every plot of the stage is there and newer than the files it is drawn from."""
     output_dir = Path(output_dir)
-    inputs = [output_dir / RESULTS[stage], output_dir / "logs" / stage / "summary.csv",
+    inputs = [output_dir / RESULTS[stage], *(summary_files(output_dir, stage) or [output_dir / "summary.csv"]),
               *(output_dir / f"{stage}_{name}_predictions.csv" for name in ("val", "test"))]
     names = ["training_curves", "roc_det", "score_histograms", "apcer_per_attack"]
     if stage == "stage2" and (output_dir / "stage1_test_predictions.csv").is_file():
@@ -150,21 +156,27 @@ def make_plots(output_dir, stage, log=print):
         teacher_csv = output_dir / "stage1_test_predictions.csv"
         teacher_test = read_predictions_csv(teacher_csv) if stage == "stage2" and teacher_csv.is_file() else None
         plot_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "logs" / stage / "summary.csv", newline="") as f:
-            summary = list(csv.DictReader(f))
-        epochs = [int(r["epoch"]) for r in summary]
         fig = Figure(figsize=(13, 3.6))
         axes = fig.subplots(1, 3)
-        for key in [k for k in summary[0] if k.startswith("train_") and k != "train_images_per_second"] + ["val_loss"]:
-            if key in summary[0] and summary[0][key] != "":
-                axes[0].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key)
+        files = summary_files(output_dir, stage)
+        if not files:
+            raise FileNotFoundError(f"no summary.csv in {output_dir / 'logs' / stage}")
+        for path in files:  # one per fold teacher with --soft_label_folds
+            with open(path, newline="") as f:
+                summary = list(csv.DictReader(f))
+            epochs, fold = [int(r["epoch"]) for r in summary], path.stem.removeprefix("summary").replace("_", " ")
+            for key in [k for k in summary[0] if k.startswith("train_") and k != "train_images_per_second"] + [
+                    "val_loss"]:
+                if key in summary[0] and summary[0][key] != "":
+                    axes[0].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key + fold)
+            for key in ("val_acer", "val_auc"):
+                axes[1].plot(epochs, [float(r[key]) for r in summary], marker="o",
+                             label=key.replace("val_", "val ") + fold)
+            axes[2].plot(epochs, [float(r["lr"]) for r in summary], marker="o", label=fold.strip() or None)
         axes[0].set(title="loss", xlabel="epoch")
         axes[0].legend(fontsize=8)
-        for key in ("val_acer", "val_auc"):
-            axes[1].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key.replace("val_", "val "))
         axes[1].set(title="validation", xlabel="epoch", ylim=(0, 1))
         axes[1].legend(fontsize=8)
-        axes[2].plot(epochs, [float(r["lr"]) for r in summary], marker="o")
         axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
         save(fig, "training_curves")
 
