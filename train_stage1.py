@@ -300,7 +300,7 @@ def main(argv=None):
     best_fold = min(fold_summaries, key=lambda summary: summary["val_acer"])
     logger.info((f"Teacher (mean of {num_folds} fold teachers)" if num_folds > 1 else
                  f"Best epoch {best_fold['best_epoch']}") + f": val {wfas_data.format_metrics(best_val)}")
-    logger.info(f"Teacher test at the val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
+    logger.info(f"Teacher test at val threshold {best_val['threshold']:.4f}: {wfas_data.format_metrics(test, True)}")
     soft_labels_path = output_dir / f"{STAGE}_soft_labels.pth"
     results = {
         "best_epoch": best_fold["best_epoch"], "val": best_val, "test": test, "threshold": best_val["threshold"],

@@ -308,7 +308,7 @@ def main(argv=None):
         "model_name": args.model_name, "img_size": img_size, **run_log.totals(), "compute": compute,
     }
     logger.info(f"Best epoch {results['best_epoch']}: val {wfas_data.format_metrics(val)}")
-    logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test)}")
+    logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test, True)}")
     logger.info(report.format_operating_points(operating_points))
     if results["teacher_test_acer"] is not None:
         logger.info(f"Teacher (stage 1) test ACER {teacher_test['acer']:.4f}, student {test['acer']:.4f}")

@@ -40,8 +40,7 @@ LIVE, SPOOF = 1, 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-# What a file that was read but does not decode raises (PIL: OSError for truncated or unknown data); reading is a
-# separate step, so a storage fault never lands here.
+# What a file that was read but does not decode raises (PIL: OSError for truncated data); reading faults come first.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # An epoch in which more images than this cannot be decoded stops: the data, not a few files, is broken.
 MAX_UNDECODABLE_SHARE = 0.01
@@ -648,8 +647,7 @@ class Loaders:
 
 FACE_CACHE_VERSION = 1
 FACE_CACHE_SHARD_SIZE = 4096  # images per shard file: the unit of a build's work and of its resume
-# JPEG quality 90: 15-20 KB per 256 px face, so WFAS train (488k images) fits in ~10 GB of page cache, at a loss
-# far below what RandomResizedCrop's resampling changes.
+# JPEG quality 90: 15-20 KB per 256 px face (WFAS train's 488k in ~10 GB of page cache), a loss below resampling's.
 FACE_CACHE_QUALITY = 90
 
 
@@ -921,8 +919,10 @@ METRIC_LABELS = {"acc": "ACC", "apcer": "APCER", "bpcer": "BPCER", "acer": "ACER
                  "unseen_apcer": "unseen APCER", "unseen_acer": "unseen ACER"}
 
 
-def format_metrics(metrics):
-    return "  ".join(f"{label} {metrics[key]:.4f}" for key, label in METRIC_LABELS.items() if key in metrics)
+def format_metrics(metrics, per_attack=False):  # per_attack: the APCER of each attack type too
+    text = "  ".join(f"{label} {metrics[key]:.4f}" for key, label in METRIC_LABELS.items() if key in metrics)
+    return text + ("  APCER per type: " + ", ".join(f"{t} {v:.4f}" for t, v in metrics["apcer_per_attack"].items())
+                   if per_attack else "")
 
 
 @torch.no_grad()
