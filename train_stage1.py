@@ -59,6 +59,8 @@ def build_parser():
     group.add_argument("--output_dir", default="output", help="experiment folder")
     group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
     group.add_argument("--test_fraction", type=float, default=0.1, help="share of subjects held out for test")
+    group.add_argument("--split_by", choices=("subject", "image"), default="subject",
+                       help="image: for data without subjects (one person's images may then sit in train and test)")
     group.add_argument("--unseen_attacks", type=lambda text: [t for t in text.split(",") if t], default=[],
                        metavar="TYPE[,TYPE...]", help="attack types kept out of train, their subjects split between "
                        "val and test (WFAS's dev and test hold 8 types its train lacks); results report them apart")
@@ -100,8 +102,7 @@ def build_parser():
     group.add_argument("--tta", action="store_true", help="average with a horizontal flip when predicting")
     group.add_argument("--soft_label_folds", type=int, default=1, metavar="K",
                        help="K > 1: K teachers, each trained on K-1 subject-disjoint folds of train, label the fold "
-                            "they never saw (out-of-fold soft labels carry the teacher's uncertainty); 1: one "
-                            "teacher labels its own training images")
+                            "they never saw (soft labels with the teacher's doubt); 1: one labels its own images")
     group.add_argument("--model_ema_decay", type=float, default=0.0,
                        help="keep timm's EMA of the weights (ModelEmaV3, with its decay warm-up; e.g. 0.999) and "
                             "validate, keep and deploy it; 0 turns it off")
@@ -158,8 +159,7 @@ def assign_folds(train, num_folds, seed):
 
 
 def mean_of_folds(fold_rows, split_table, threshold=None):
-    """Metrics and rows of the fold teachers' mean P(live) over a split (their rows list the same images)."""
-    paths, labels, attack_types, _ = fold_rows[0]
+    paths, labels, attack_types, _ = fold_rows[0]  # the fold teachers' rows of a split list the same images
     scores = np.mean([rows[3] for rows in fold_rows], axis=0)
     metrics = wfas_data.compute_metrics(scores, labels, attack_types, threshold, split_table.unseen_attacks)
     true_class_probs = np.where(labels == wfas_data.LIVE, scores, 1 - scores)
@@ -168,7 +168,7 @@ def mean_of_folds(fold_rows, split_table, threshold=None):
 
 
 def write_folds(path, train, folds):
-    """path,fold of every train image: which teacher labelled it (and which did not train on it)."""
+    """path,fold of every train image: the fold teacher that labelled it, the one that did not train on it."""
     tmp = wfas_data.aside(path)
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("path", "fold"), *zip(train.paths(), folds.tolist())])
@@ -189,8 +189,8 @@ def main(argv=None):
     accelerator, log_file = start_run(args, output_dir)
 
     def load_split_and_model():  # the main process writes split.csv and fetches the weights first
-        split_table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction,
-                                                     args.test_fraction, args.seed, logger.info, args.unseen_attacks)
+        split_table = wfas_data.load_or_create_split(args.data_root, output_dir, args.val_fraction, args.test_fraction,
+                                                     args.seed, logger.info, args.unseen_attacks, args.split_by)
         return split_table, new_teacher()
 
     def new_teacher():

@@ -3,7 +3,8 @@ protocol, shared by train_stage1.py, train_stage2.py (which define their train t
 
     python wfas_data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
     python wfas_data.py cache --data_root DIR --output_dir EXP [--img_size 224]  # build the face cache ahead
-    (the same as python tools/data.py check|cache ...)
+    python wfas_data.py detect --data_root DIR [--overwrite] [--min_score S]  # bbox files, by a face detector
+    (the same as python tools/data.py check|cache|detect ...)
 
 Conventions everywhere in the project: live = 1, spoof = 0, and a score is P(live).
 """
@@ -357,10 +358,10 @@ def check_held_out_splits(table, source):
         subjects = {label: len(np.unique(np.char.add(table.attack_type, table.subject)[table.label == label]))
                     for label in (LIVE, SPOOF)}
         raise UserError(f"the {name} split of {source} holds {num_live} live and {num_spoof} spoof images, but "
-                        f"needs both; the split is by subject (the folder that holds an image) and there are "
-                        f"{subjects[LIVE]} live and {subjects[SPOOF]} spoof subjects: put each person's images in "
-                        "a folder of their own, or give the list a subject column (`path label attack_type "
-                        "subject`), or raise --val_fraction / --test_fraction")
+                        f"needs both; the split is by subject (an image's folder): {subjects[LIVE]} live and "
+                        f"{subjects[SPOOF]} spoof subjects. Put each person's images in a folder of their own, or give "
+                        "the list a subject column (`path label attack_type subject`), or raise --val_fraction / "
+                        "--test_fraction, or, with no subjects to keep apart, pass --split_by image")
 
 
 def check_split_source(table, source, record_path, log=print):
@@ -386,10 +387,10 @@ def check_split_source(table, source, record_path, log=print):
 
 
 def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print,
-                         unseen_attacks=None):
+                         unseen_attacks=None, split_by=None):
     """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
-    same split), else made and written with split_source.json, its data's record and the held-out attack types
-    (unseen_attacks; None: whatever the split was made with). Main process first."""
+    same split), else made and written with split_source.json, its data's record and its protocol: the held-out
+    attack types and subject or image splitting (None: as the split was made; new: none, subject)."""
     source = Path(data_root).expanduser()
     root = source.parent if source.is_file() else resolve_data_root(source)
     csv_path = Path(output_dir) / "split.csv"
@@ -399,19 +400,27 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
         check_split_source(table, source, record_path, log)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
-        table = assign_splits(index_dataset(source), val_fraction, test_fraction, seed, unseen_attacks or ())
+        table, split_by = index_dataset(source), split_by or "subject"
+        if split_by == "image":  # own data without subjects: each image is its own
+            table.subject = table.path.copy()
+        table = assign_splits(table, val_fraction, test_fraction, seed, unseen_attacks or ())
         check_held_out_splits(table, source)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
-        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table),
-                                 "unseen_attacks": list(table.unseen_attacks)})
+        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table), "split_by": split_by,
+                                 "unseen_attacks": list(table.unseen_attacks), **({"warning": "one person's images "
+                                 "may sit in both train and test"} if split_by == "image" else {})})
         write_split_csv(table, csv_path)
-        log(f"Wrote a subject-disjoint split to {csv_path} ({len(table)} images)")
-    table.unseen_attacks = tuple(json.loads(record_path.read_text()).get("unseen_attacks", []))
-    if unseen_attacks is not None and sorted(unseen_attacks) != list(table.unseen_attacks):
-        raise UserError(f"{csv_path} holds out the attack types [{','.join(table.unseen_attacks)}] of train, not "
-                        f"[{','.join(sorted(unseen_attacks))}]: pass the same --unseen_attacks, or use another "
-                        "--output_dir for another protocol")
+        log(f"Wrote a {split_by}-disjoint split to {csv_path} ({len(table)} images)")
+    recorded = {"split_by": "subject", "unseen_attacks": [], **json.loads(record_path.read_text())}
+    for key, asked in (("unseen_attacks", unseen_attacks and sorted(unseen_attacks)), ("split_by", split_by)):
+        if asked is not None and asked != recorded[key]:
+            raise UserError(f"{csv_path} was made with --{key} {recorded[key] or 'none'}, not {asked or 'none'}: pass "
+                            f"the same --{key}, or use another --output_dir for another protocol")
+    if recorded["split_by"] == "image":
+        log(f"warning: {csv_path} is split by image (--split_by image): one person's images may sit in both train "
+            "and test, which flatters the test metrics")
+    table.unseen_attacks = tuple(recorded["unseen_attacks"])
     check_held_out_splits(table, source)
     train_labels = table.label[table.split == SPLITS.index("train")]
     num_live, num_spoof = int((train_labels == LIVE).sum()), int((train_labels == SPOOF).sum())
@@ -423,12 +432,12 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
 
 def describe_split(table):
     """One line per split: images, live, spoof, subjects; and the attack types held out of train."""
-    parts = {name: table.of_split(name) for name in SPLITS}
-    return "\n".join(f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
-                     f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
-                     for name, part in parts.items()) + (
-        f"\nunseen attack types (in val and test, never in train): {', '.join(table.unseen_attacks)}"
-        if table.unseen_attacks else "")
+    lines = [f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
+             f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
+             for name, part in ((name, table.of_split(name)) for name in SPLITS)]
+    if table.unseen_attacks:
+        lines.append(f"unseen attack types (in val and test, never in train): {', '.join(table.unseen_attacks)}")
+    return "\n".join(lines)
 
 
 # -- Face crops and transforms -----------------------------------------------------------------------------------------
@@ -464,9 +473,8 @@ def face_crop_box(box, width, height, scale=DEFAULT_FACE_CROP_SCALE):
 
 
 def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0):
-    """The EXIF-oriented image, cropped around box (None: whole). With min_side, a large JPEG is decoded at 1/2,
-    1/4 or 1/8 scale (free in the decoder, several times faster) while the crop stays min_side wide. A file that
-    cannot be read raises StorageError; one that does not decode, one of DECODE_ERRORS."""
+    """The EXIF-oriented image, cropped around box (None: whole); min_side: a large JPEG decodes at 1/2, 1/4 or 1/8
+    (free in the decoder) while the crop stays min_side wide. Unreadable: StorageError; undecodable: DECODE_ERRORS."""
     image_path = Path(image_path)
     try:
         data = image_path.read_bytes()
@@ -498,9 +506,8 @@ def _device_constants(mean, std, device):
 
 
 def to_model_input(images, mean, std, color_jitter=0.0):
-    """A uint8 batch [B, 3, H, W] on the device to the model's normalised input. With color_jitter j, each image
-    gets brightness, contrast and saturation factors in [1 - j, 1 + j] (ColorJitter, batched): a few element-wise
-    operations on the device instead of ~1 ms per image on a loader's CPU."""
+    """A uint8 batch [B, 3, H, W] on the device to the model's normalised input; color_jitter j: brightness, contrast
+    and saturation factors in [1 - j, 1 + j] per image (ColorJitter batched on the device, not ~1 ms/image on a CPU)."""
     x = images.float().div_(255)
     mean, std, gray_weights = _device_constants(tuple(mean), tuple(std), x.device)
     if color_jitter:
@@ -514,12 +521,10 @@ def to_model_input(images, mean, std, color_jitter=0.0):
 
 
 class FaceDataset(torch.utils.data.Dataset):
-    """uint8 face crops [3, img_size, img_size] of a SampleTable's images, from a FaceCache when one is given,
-    else from the photos (around the table's boxes); transform is a worker's per-crop step (default:
-    eval_transform). Items: image, label, index, ok, error, error_kind. An undecodable image gives ok=False, a
-    zero image and error_kind "decode": the run logs it and goes on, with equal batch shapes on all processes.
-    An unreadable file gives "storage", and check_batch stops the run in one line (an exception raised in a
-    worker would reach it as a traceback). Strings stay on the CPU: checking them never waits for the device."""
+    """uint8 face crops [3, img_size, img_size] of a table's images, from a FaceCache or else the photos (around
+    their boxes); transform: a worker's per-crop step (default: eval_transform). An undecodable image gives ok=False,
+    a zero image and error_kind "decode" (logged; batch shapes stay equal on all processes); an unreadable file
+    "storage", and check_batch stops the run in one line, where a worker's exception would be a traceback."""
 
     def __init__(self, table, img_size, transform=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
         self.root, self.path, self.label, self.box, self.row = table.root, table.path, table.label, table.box, table.row
@@ -590,10 +595,9 @@ def default_loader_settings(num_workers=None):
 
 
 class Loaders:
-    """The training scripts' DataLoaders: default_loader_settings, workers that persist across epochs (as timm's)
-    and ignore SIGTERM and SIGUSR1 (schedulers signal every process of a job, and a worker that died of it would
-    break the step the run finishes before it saves). shut_down() ends them; at exit those left are killed, as
-    multiprocessing's exit would SIGTERM them, which they ignore, and wait forever."""
+    """The training scripts' DataLoaders: default_loader_settings, workers that persist across epochs (as timm's) and
+    ignore SIGTERM and SIGUSR1 (a job's signal reaches them too; dead, they would break the step before the save).
+    shut_down() ends them; at exit those left are killed (multiprocessing's SIGTERM, ignored, would hang it)."""
     exit_hook = False
 
     def __init__(self, batch_size, num_workers=None):
@@ -651,8 +655,7 @@ FACE_CACHE_SHARD_SIZE = 4096  # images per shard file: the unit of a build's wor
 FACE_CACHE_QUALITY = 90
 
 
-def face_cache_size(img_size):
-    """The side of a cached crop: img_size / 0.875 (256 for 224), so that the random crop keeps its room."""
+def face_cache_size(img_size):  # the side of a cached crop (256 for 224): room for the random crop
     return math.ceil(img_size / 0.875)
 
 
@@ -667,9 +670,8 @@ def face_cache_params(table, img_size, face_crop_scale):
 
 class FaceCache:
     """A table's face crops at face_cache_size(img_size), JPEG-encoded in a few large shard files that any number of
-    processes on any number of nodes read at random through memory maps. A folder holds one cache, named by a
-    digest of its parameters (a run with others builds its own). manifest.json is written last: a folder without
-    it (a build in progress, or a killed one, which the next build resumes) is never read."""
+    processes on any number of nodes read at random through memory maps; a folder per parameter digest. Its
+    manifest.json is written last: a folder without one (a build in progress or killed: resumed next) is never read."""
 
     def __init__(self, folder, params):
         self.folder = Path(folder)
@@ -766,11 +768,10 @@ def build_face_cache(table, cache_dir, img_size, face_crop_scale=DEFAULT_FACE_CR
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create the face cache folder {folder} ({error.strerror or error})") from None
-        if process_index == 0:
-            write_json(folder / "params.json", params)
         done = {k for k in range(num_shards) if (folder / f"shard_{k:05d}.json").is_file()}
         mine = [k for k in range(num_shards) if k % num_processes == process_index and k not in done]
         if process_index == 0:
+            write_json(folder / "params.json", params)
             log(f"Building the face cache {folder}: {len(table)} images in {num_shards} shards"
                 + (f", {len(done)} done by an earlier build" if done else "")
                 + (f", shared by {num_processes} processes" if num_processes > 1 else ""))
@@ -839,9 +840,8 @@ def check_scores(scores):
 
 
 def candidate_thresholds(scores, labels):
-    """Every distinct decision: thresholds halfway between adjacent distinct scores (and past both ends), never on
-    a score, so that no decision hangs on a file's rounding. Returns them ascending, with the errors at each in
-    images: spoof accepted (score >= t), live rejected (score < t)."""
+    """Every distinct decision: thresholds halfway between adjacent distinct scores (and past both ends), never on a
+    score (no decision hangs on a file's rounding), ascending, with the spoof accepted and live rejected at each."""
     scores, labels = check_scores(scores), np.asarray(labels)
     live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
     distinct = np.unique(scores)
@@ -884,9 +884,9 @@ def roc_auc(scores, labels):
 
 
 def compute_metrics(scores, labels, attack_types, threshold=None, unseen_attacks=()):
-    """WFAS metrics of P(live) scores, live when score >= threshold (default: these scores' EER point; fit it
-    on val, never on test): threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer; with
-    unseen_attacks also {seen,unseen}_{apcer,acer}: the attacks of the types train held or lacked, vs all live."""
+    """WFAS metrics of P(live) scores, live when score >= threshold (default: their EER point; fit it on val only):
+    threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer, and with unseen_attacks
+    {seen,unseen}_{apcer,acer}: the attacks of the types train held or lacked, each against all live images."""
     scores, labels, attack_types = check_scores(scores), np.asarray(labels), np.asarray(attack_types).astype(str)
     eer_point = eer_threshold(scores, labels)
     threshold = eer_point if threshold is None else threshold
@@ -992,7 +992,7 @@ def format_score(score):
     return repr(float(score))
 
 
-# -- Command line: `check` and `cache` are tools/data.py's, which training never runs ----------------------------------
+# -- Command line: `check`, `cache` and `detect` are tools/data.py's, which training never runs ------------------------
 
 if __name__ == "__main__":
     import wfas_data  # the module tools/ import: the UserError they raise is its own, not __main__'s

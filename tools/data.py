@@ -3,14 +3,18 @@ ahead of time (on a CPU node, say), as the training scripts would build it.
 
     python tools/data.py check --data_root /data/WFAS [--json] [--verify_images]
     python tools/data.py cache --data_root /data/WFAS --output_dir EXP [--img_size 224] [--workers N]
+    python tools/data.py detect --data_root DIR [--overwrite] [--min_score 0.9] [--workers N]
 
 `python wfas_data.py check|cache ...` runs the same. check prints images per class and attack type, subjects,
 images without a bbox file, malformed bbox files and the Dev/Test lists found; --verify_images also decodes every
-image and lists those that fail.
+image and lists those that fail. detect writes a WFAS bbox file (box, then 5 landmarks: 7 lines of `x y`) next to
+every image below DIR that has none, from the offline face detector (tools/faces.py; the largest face when there
+are several); an image with no face gets no file. It is resumable: a rerun does the images still without one.
 """
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -22,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wfas_data  # noqa: E402
-from tools import common  # noqa: E402
+from tools import common, faces  # noqa: E402
 
 
 def _can_decode(path):
@@ -96,6 +100,54 @@ def build_cache(args):
     return cache
 
 
+_detector = None  # one per detect worker process
+
+
+def _start_detector(min_score):
+    global _detector
+    _detector = faces.FaceDetector(min_score)
+
+
+def _detect_and_write(path):
+    """(faces found, or -1 when the image does not decode, error) for one image; its bbox file written when
+    there is a face. Errors come back as text: a UserError raised here would not survive the trip."""
+    try:
+        found = _detector.detect(faces.read_rgb(path))
+    except wfas_data.StorageError as error:
+        return 0, str(error)
+    except wfas_data.DECODE_ERRORS:
+        return -1, ""
+    if found:
+        faces.write_bbox(path.with_suffix(".txt"), found[0][1])
+    return len(found), ""
+
+
+def detect_boxes(data_root, overwrite=False, min_score=faces.DEFAULT_MIN_SCORE, workers=1, log=print):
+    """Bbox files for the images below data_root without one (all with overwrite); returns the counts."""
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise wfas_data.UserError(f"--data_root {root} is not a folder")
+    images = [root / path for path in wfas_data.list_images(root)]
+    todo = [path for path in images if overwrite or not path.with_suffix(".txt").is_file()]
+    faces.FaceDetector(min_score)  # not installed: one line now, not one per worker
+    start, counts = time.time(), []
+    with multiprocessing.Pool(workers, _start_detector, (min_score,)) as pool:
+        results = pool.imap(_detect_and_write, todo, chunksize=4)
+        for found, error in wfas_data.progress_bar(results, total=len(todo), desc="detecting faces", unit="img"):
+            if error:
+                raise wfas_data.UserError(error)
+            counts.append(found)
+    counts = np.array(counts, dtype=np.int64)
+    summary = {"images": len(images), "already_boxed": len(images) - len(todo), "boxed_now": int((counts > 0).sum()),
+               "no_face": int((counts == 0).sum()), "several_faces": int((counts > 1).sum()),
+               "undecodable": int((counts < 0).sum()), "seconds": round(time.time() - start, 1)}
+    log(f"Detected faces below {root}: {summary['boxed_now']} bbox files written, {summary['already_boxed']} images "
+        f"already had one{' (kept)' if not overwrite else ''}; {summary['no_face']} images with no face (no file), "
+        f"{summary['several_faces']} with several (the largest kept), {summary['undecodable']} undecodable; "
+        f"{len(todo) / max(summary['seconds'], 1e-9):.1f} img/s on {workers} workers")
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +167,15 @@ def main(argv=None):
     cache.add_argument("--test_fraction", type=float, default=0.1)
     cache.add_argument("--seed", type=int, default=42, help="the split's seed (train_stage1.py's default)")
     cache.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding and encoding")
+    detect = commands.add_parser("detect", help="write a bbox file next to every image that has none")
+    detect.add_argument("--data_root", required=True, help="a folder of images, at any depth (any layout)")
+    detect.add_argument("--overwrite", action="store_true", help="detect again where a bbox file exists")
+    detect.add_argument("--min_score", type=float, default=faces.DEFAULT_MIN_SCORE,
+                        help=f"the detector's confidence threshold (default: {faces.DEFAULT_MIN_SCORE})")
+    detect.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="detector processes")
     args = parser.parse_args(argv)
+    if args.command == "detect":
+        return detect_boxes(args.data_root, args.overwrite, args.min_score, args.workers)
     if args.command == "cache":
         return build_cache(args)
     summary = check_dataset(args.data_root, args.verify_images, args.workers)

@@ -6,11 +6,16 @@ any folder of images. Works under `accelerate launch` too, every image counted o
     accelerate launch tools/predict.py --output_dir EXP --stage 1 --predict_folder photos/
 
 --predict_lists writes EXP/submission.txt and submission.zip (`dev/<name> <P(live)>` lines, dev before test).
---predict_folder writes EXP/predictions_<folder name>.csv: path,score,decision for every image below the folder,
-cropped around the bbox .txt next to an image when there is one, else taken whole; live when P(live) >= the
-threshold (default: the val EER point of the checkpoint's run).
+--predict_folder writes EXP/predictions_<folder name>.csv, one row per face: path, face, score, decision, the box
+(x1 y1 x2 y2), where it came from and the detector's score. A face is the bbox .txt next to an image when there is
+one, else the largest face the offline detector finds (tools/faces.py; --all_faces: every face), the crop taken
+around it as in training. An image with no face gets the decision no_face and no score: the whole frame, which
+the model never saw in training, is never scored; --whole_image scores every image whole, for a folder of face
+crops. Live when P(live) >= the threshold (default: the val EER point of the checkpoint's run). --save_overlays
+DIR draws each face's box, P(live) and decision on a copy of its image.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -21,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wfas_data  # noqa: E402
-from tools import common  # noqa: E402
+from tools import common, faces  # noqa: E402
 from wfas_data import UserError  # noqa: E402
 
 logger = get_logger("predict")
@@ -36,6 +42,14 @@ def parse_args(argv=None):
                         help="the unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt")
     parser.add_argument("--predict_folder", metavar="DIR", help="score every image below DIR into "
                                                                 "EXP/predictions_<DIR name>.csv")
+    parser.add_argument("--all_faces", action="store_true", help="--predict_folder: a row for every detected face, "
+                                                                 "not only the largest")
+    parser.add_argument("--whole_image", action="store_true", help="--predict_folder: score each image whole, "
+                                                                   "without detection (a folder of face crops)")
+    parser.add_argument("--min_face_score", type=float, default=faces.DEFAULT_MIN_SCORE,
+                        help=f"the detector's confidence threshold (default: {faces.DEFAULT_MIN_SCORE})")
+    parser.add_argument("--save_overlays", metavar="DIR", help="--predict_folder: a copy of each image with its "
+                                                               "faces' boxes, P(live) and decisions, below DIR")
     parser.add_argument("--threshold", type=float, help="live when P(live) >= this, for --predict_folder "
                                                         "(default: the val EER threshold of the checkpoint's run)")
     parser.add_argument("--batch_size", type=int, default=32, help="per process (default: 32)")
@@ -114,9 +128,43 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
     return str(txt)
 
 
+def find_faces(args, folder, paths, accelerator):
+    """The faces to score, one row each: (image index, (7, 2) points or None for the whole image, source,
+    detector score), from the bbox files and, for the images without one, the detector, which the main process
+    runs and the others receive. An image with no face, or that does not decode, has one row without points."""
+    table = wfas_data.unlabelled_table(folder, paths)
+    if args.whole_image:
+        return [(i, None, "whole image", np.nan) for i in range(len(paths))]
+    rows, error, found = [], None, {}
+    if accelerator.is_main_process:
+        missing = np.flatnonzero(np.isnan(table.box[:, 0]))
+        try:  # a user error (the detector not installed, an unreadable file) reaches every process
+            detector = faces.FaceDetector(args.min_face_score) if len(missing) else None
+            for i in wfas_data.progress_bar(missing, desc="detecting faces", disable=not len(missing)):
+                try:
+                    found[i] = detector.detect(faces.read_rgb(folder / paths[i]))
+                except wfas_data.DECODE_ERRORS:
+                    found[i] = None
+        except UserError as exc:
+            error = str(exc) + ("" if isinstance(exc, wfas_data.StorageError) else
+                                "; or pass --whole_image to score a folder of face crops whole")
+        for i in range(len(paths)):
+            if i not in found:
+                box = table.box[i]
+                rows.append((i, np.array([box[:2], box[2:]]), "bbox file", np.nan))
+            elif not found[i]:
+                rows.append((i, None, "no face" if found[i] is not None else "undecodable", np.nan))
+            else:
+                rows += [(i, points, "detector", score) for score, points in found[i][:None if args.all_faces else 1]]
+    rows, error = broadcast_object_list([rows, error])
+    if error:
+        raise UserError(error)
+    return rows
+
+
 def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold):
-    """EXP/predictions_<folder name>.csv: path,score,decision for every image below --predict_folder. One that
-    cannot be decoded keeps its row, with an empty score and the decision "undecodable"."""
+    """EXP/predictions_<folder name>.csv, one row per face (see the docstring). An image that cannot be decoded,
+    or holds no face, keeps a row, with an empty score and the decision "undecodable" or "no_face"."""
     folder = Path(args.predict_folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"--predict_folder {folder} is not a folder")
@@ -124,28 +172,50 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
     if not paths:
         raise UserError(f"--predict_folder {folder} holds no images ({', '.join(sorted(wfas_data.IMAGE_EXTENSIONS))} "
                         "files, at any depth)")
-    scores = common.score_table(model, accelerator, wfas_data.unlabelled_table(folder, paths), img_size,
-                                face_crop_scale, args.batch_size, args.num_workers, args.tta, None, folder.name,
-                                logger.warning)
-    decisions = np.where(np.isnan(scores), "undecodable", np.where(scores >= threshold, "live", "spoof"))
+    rows = find_faces(args, folder, paths, accelerator)
+    scored = [k for k, row in enumerate(rows) if row[1] is not None or row[2] == "whole image"]
+    table = wfas_data.unlabelled_table(folder, [paths[rows[k][0]] for k in scored])
+    table.box = np.array([rows[k][1][:2].reshape(-1) if rows[k][1] is not None else [np.nan] * 4 for k in scored],
+                         dtype=np.float32).reshape(-1, 4)
+    scores = np.full(len(rows), np.nan)
+    if scored:
+        scores[scored] = common.score_table(model, accelerator, table, img_size, face_crop_scale, args.batch_size,
+                                            args.num_workers, args.tta, None, folder.name, logger.warning)
+    decisions = np.array([row[2].replace(" ", "_") if row[2] in ("no face", "undecodable") else
+                          "undecodable" if np.isnan(score) else "live" if score >= threshold else "spoof"
+                          for row, score in zip(rows, scores)])
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
 
     def write(tmp):
+        face_number = {}
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "score", "decision"])
-            writer.writerows((path, "" if np.isnan(score) else wfas_data.format_score(score), decision)
-                             for path, score, decision in zip(paths, scores, decisions))
+            writer.writerow(["path", "face", "score", "decision", "x1", "y1", "x2", "y2", "box_source",
+                             "detector_score"])
+            for (i, points, source, detector_score), score, decision in zip(rows, scores, decisions):
+                face_number[i] = face_number.get(i, -1) + 1
+                box = [] if points is None else [f"{v:.1f}" for v in points[:2].reshape(-1)]
+                writer.writerow([paths[i], face_number[i], "" if np.isnan(score) else wfas_data.format_score(score),
+                                 decision, *(box or [""] * 4), "" if source in ("no face", "undecodable") else source,
+                                 "" if np.isnan(detector_score) else f"{detector_score:.4f}"])
 
     if accelerator.is_main_process:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_aside(csv_path, write)
-    num_undecodable = int((decisions == "undecodable").sum())
-    if num_undecodable:
-        logger.warning(f"{num_undecodable} of the {len(paths)} images below {folder} could not be decoded: their rows "
-                       "in the CSV have an empty score")
-    logger.info(f"Scored {len(paths)} images below {folder}: {int((decisions == 'live').sum())} live, "
-                f"{int((decisions == 'spoof').sum())} spoof at threshold {threshold:.6f}; wrote {csv_path}")
+        if args.save_overlays:
+            for i in wfas_data.progress_bar(sorted({row[0] for row in rows}), desc="overlays"):
+                drawn = [(row[1], score, decision) for row, score, decision in zip(rows, scores, decisions)
+                         if row[0] == i and row[1] is not None]
+                with contextlib.suppress(*wfas_data.DECODE_ERRORS):
+                    faces.draw_overlay(faces.read_rgb(folder / paths[i]), drawn,
+                                       Path(args.save_overlays) / Path(paths[i]).with_suffix(".jpg"))
+    counts = {name: int((decisions == name).sum()) for name in ("live", "spoof", "no_face", "undecodable")}
+    if counts["undecodable"]:
+        logger.warning(f"{counts['undecodable']} of the {len(paths)} images below {folder} could not be decoded: their "
+                       "rows in the CSV have an empty score")
+    logger.info(f"Scored {len(paths)} images below {folder}: {len(rows)} rows, {counts['live']} live, "
+                f"{counts['spoof']} spoof at threshold {threshold:.6f}, {counts['no_face']} images with no face; "
+                f"wrote {csv_path}" + (f" and overlays below {args.save_overlays}" if args.save_overlays else ""))
     return str(csv_path)
 
 
