@@ -411,7 +411,7 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
                                  "unseen_attacks": list(table.unseen_attacks), **({"warning": "one person's images "
                                  "may sit in both train and test"} if split_by == "image" else {})})
         write_split_csv(table, csv_path)
-        log(f"Wrote a {split_by}-disjoint split to {csv_path} ({len(table)} images)")
+        log(f"Wrote a split by {split_by} to {csv_path} ({len(table)} images)")
     recorded = {"split_by": "subject", "unseen_attacks": [], **json.loads(record_path.read_text())}
     for key, asked in (("unseen_attacks", unseen_attacks and sorted(unseen_attacks)), ("split_by", split_by)):
         if asked is not None and asked != recorded[key]:
