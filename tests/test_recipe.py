@@ -175,7 +175,7 @@ def test_another_list_on_the_same_folder_is_refused(demo_root, tmp_path):
     result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
                          str(tmp_path), *TINY_STAGE1, "--unseen_attacks", "3D-Mask"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "holds out the attack types" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "was made with --unseen_attacks" in result.stderr
 
 
 def recompute_groups(csv_path, threshold):

@@ -344,7 +344,8 @@ def test_a_split_is_not_reused_for_other_data_or_once_its_files_are_gone(demo_ro
     exp = tmp_path / "EXP"
     table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
     record = json.loads((exp / "split_source.json").read_text())
-    assert record == {"data_root": str(demo_root.resolve()), "num_images": len(table), "unseen_attacks": []}
+    assert record == {"data_root": str(demo_root.resolve()), "num_images": len(table), "unseen_attacks": [],
+                      "split_by": "subject"}
     other = make_tree(tmp_path / "OTHER", live_subjects=4)
     with pytest.raises(UserError, match="was made from .* not .*OTHER"):
         wfas_data.load_or_create_split(other, exp, log=lambda _: None)
