@@ -1,11 +1,10 @@
-"""The offline face detector (tools/faces.py), `wfas_data.py detect`, --split_by image, and folder scoring of
-images without a bbox file.
+"""The offline face detector (tools/faces.py), `wfas_data.py detect`, and folder scoring of images without a bbox
+file (--split_by image, for data without subjects, is tested in test_wfas_data.py).
 
 The demo's faces are drawn shapes that a real detector need not find, so these tests use a real portrait: the one
 matplotlib ships (grace_hopper.jpg, 512x600, one face), pasted at known places and scales into larger frames. The
 reference box is the detector's own box on the portrait alone, moved and scaled as the portrait was."""
 import csv
-import json
 import re
 import sys
 
@@ -131,28 +130,6 @@ def test_the_detect_command_and_a_missing_detector_are_one_line(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "retinaface", None)  # as if it were not installed
     with pytest.raises(UserError, match=re.escape(faces.INSTALL)):
         faces.FaceDetector()
-
-
-def test_data_without_subjects_splits_by_image_with_a_warning(tmp_path):
-    for label, folder in ((1, "live"), (0, "spoof")):
-        (tmp_path / folder).mkdir()
-        for i in range(20):
-            Image.new("RGB", (32, 32), (label * 200, 50, 50)).save(tmp_path / folder / f"{i}.jpg")
-    lines = [f"{folder}/{i}.jpg {label}" for label, folder in ((1, "live"), (0, "spoof")) for i in range(20)]
-    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match="pass --split_by image"):
-        wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
-    logged = []
-    table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=logged.append,
-                                           split_by="image")
-    for name in ("val", "test"):
-        assert set(table.of_split(name).label.tolist()) == {0, 1}
-    record = json.loads((tmp_path / "EXP" / "split_source.json").read_text())
-    assert record["split_by"] == "image" and "both train and test" in record["warning"]
-    assert any(line.startswith("warning:") and "split by image" in line for line in logged)
-    with pytest.raises(UserError, match="made with --split_by image, not subject"):
-        wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", split_by="subject")
-    assert wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=logged.append) is not None
 
 
 def read_rows(path):

@@ -359,14 +359,18 @@ def test_a_split_is_not_reused_for_other_data_or_once_its_files_are_gone(demo_ro
         wfas_data.load_or_create_split(moved, exp, log=lambda _: None)
 
 
-def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_path):
-    # the common live/*.jpg + spoof/*.jpg layout: one "subject" per class, nothing to hold out
+def write_live_and_spoof_folders(root):
+    """The common live/*.jpg + spoof/*.jpg layout and its labelled list: one "subject" per class."""
     for label, folder in ((1, "live"), (0, "spoof")):
-        (tmp_path / folder).mkdir()
+        (root / folder).mkdir()
         for i in range(20):
-            Image.new("RGB", (32, 32), (label * 200, 50, 50)).save(tmp_path / folder / f"{i}.jpg")
+            Image.new("RGB", (32, 32), (label * 200, 50, 50)).save(root / folder / f"{i}.jpg")
     lines = [f"{folder}/{i}.jpg {label}" for label, folder in ((1, "live"), (0, "spoof")) for i in range(20)]
-    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_path):
+    write_live_and_spoof_folders(tmp_path)  # nothing to hold out
     with pytest.raises(UserError, match="val split .* holds 0 live and 0 spoof images.*subject column"):
         wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
     assert not (tmp_path / "EXP" / "split.csv").exists()
@@ -378,6 +382,23 @@ def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_pa
     for name in ("val", "test"):
         assert set(table.of_split(name).label.tolist()) == {LIVE, SPOOF}
     assert len(np.unique(table.subject)) == 20
+
+
+def test_data_without_subjects_splits_by_image_with_a_warning(tmp_path):
+    write_live_and_spoof_folders(tmp_path)
+    with pytest.raises(UserError, match="pass --split_by image"):
+        wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
+    logged = []
+    table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=logged.append,
+                                           split_by="image")
+    for name in ("val", "test"):
+        assert set(table.of_split(name).label.tolist()) == {0, 1}
+    record = json.loads((tmp_path / "EXP" / "split_source.json").read_text())
+    assert record["split_by"] == "image" and "both train and test" in record["warning"]
+    assert any(line.startswith("warning:") and "split by image" in line for line in logged)
+    with pytest.raises(UserError, match="made with --split_by image, not subject"):
+        wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", split_by="subject")
+    assert wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=logged.append) is not None
 
 
 def test_nan_scores_are_refused_loudly():
