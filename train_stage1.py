@@ -55,7 +55,8 @@ def build_parser():
     parser.add_argument("--config", help="JSON file with any of these flags as keys; command-line flags override it")
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data_root", help="WFAS folder (holding Train/), Train/ itself, or a labelled list file")
+    group.add_argument("--data_root", help="WFAS folder (holding Train/), Train/ itself, a folder of live/ and spoof/, "
+                       "or a labelled list file")
     group.add_argument("--output_dir", default="output", help="experiment folder")
     group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
     group.add_argument("--test_fraction", type=float, default=0.1, help="share of subjects held out for test")

@@ -180,18 +180,19 @@ def read_boxes(root, paths, has_bbox=None, workers=16):
 
 
 def resolve_data_root(data_root):
-    """Return the folder that holds Train/. Accepts that folder or Train/ itself."""
+    """The folder that holds Train/ (that folder or Train/ itself), or one that holds live/ (or living/) and spoof/."""
     root = Path(data_root).expanduser()
     if not root.exists():
         raise UserError(f"--data_root {root} does not exist; expected the WFAS folder that holds Train/ "
-                        "(Train/living and Train/spoof), or a labelled list file")
-    if (root / "Train").is_dir():
+                        "(Train/living and Train/spoof), a folder of live/ and spoof/, or a labelled list file")
+    class_folders = (root / "spoof").is_dir() and any((root / name).is_dir() for name in ("live", "living"))
+    if (root / "Train").is_dir() or class_folders:
         return root
     if root.name == "Train" and ((root / "living").is_dir() or (root / "spoof").is_dir()):
         return root.parent
     raise UserError(f"--data_root {root} is not a WFAS folder: expected Train/living/<subject>/*.jpg and "
-                    "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself, or a labelled "
-                    "list file)")
+                    "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself), live/ and spoof/ "
+                    "folders, or a labelled list file")
 
 
 def _walk_images(folder, root):
@@ -201,8 +202,7 @@ def _walk_images(folder, root):
         current = stack.pop()
         with os.scandir(current) as entries:
             entries = sorted(entries, key=lambda e: e.name)
-        names = {e.name for e in entries}
-        relative_dir = os.path.relpath(current, root)
+        names, relative_dir = {e.name for e in entries}, os.path.relpath(current, root)
         for entry in entries:
             if entry.is_dir():
                 stack.append(entry.path)
@@ -217,16 +217,18 @@ def list_images(folder):
 
 
 def index_wfas(data_root):
-    """Index Train/ of a WFAS release: Train/living/<subject>/ and Train/spoof/<attack type>/<subject>/."""
+    """Index Train/ of a WFAS release (Train/living/<subject>/, Train/spoof/<attack type>/<subject>/), or a folder per
+    class: live/ (or living/) and spoof/, attack type "spoof"; either way a subject is the folder of an image."""
     root = resolve_data_root(data_root)
-    living, spoof = root / "Train" / "living", root / "Train" / "spoof"
-    attack_dirs = sorted(folder for folder in spoof.iterdir() if folder.is_dir()) if spoof.is_dir() else []
+    wfas = (root / "Train").is_dir()
+    living = root / "Train" / "living" if wfas else root / ("living" if (root / "living").is_dir() else "live")
+    attack_dirs = sorted((root / "Train" / "spoof").glob("*/")) if wfas else [root / "spoof"]  # "*/": folders only
     folders = ([(living, LIVE, LIVE_TYPE)] if living.is_dir() else []) + [(d, SPOOF, d.name) for d in attack_dirs]
     rows = [(path, label, attack_type, subject, bbox) for folder, label, attack_type in folders
             for path, subject, bbox in _walk_images(folder, root)]
     if not rows:
-        raise UserError(f"no images found under {root / 'Train'}; expected Train/living/<subject>/*.jpg and "
-                        "Train/spoof/<attack type>/<subject>/*.jpg")
+        raise UserError(f"no images found under {living.parent}; expected Train/living/<subject>/*.jpg and "
+                        "Train/spoof/<attack type>/<subject>/*.jpg, or live/*.jpg and spoof/*.jpg")
     paths, labels, attack_types, subjects, has_bbox = zip(*rows)
     return _make_table(root, paths, labels, attack_types, subjects, has_bbox, read_boxes(root, paths, has_bbox))
 
@@ -588,10 +590,8 @@ def default_loader_settings(num_workers=None):
     if num_workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = min(12, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    settings = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    if num_workers:
-        settings["prefetch_factor"] = 4
-    return settings
+    prefetch = {"prefetch_factor": 4} if num_workers else {}
+    return dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), **prefetch)
 
 
 class Loaders:

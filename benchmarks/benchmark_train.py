@@ -12,16 +12,26 @@ Both sides run the same epochs, interleaved, and the first epoch of each run (wo
 left out; the figure is the median over the rest. On CUDA the bare loop is also timed in bf16, channels_last and
 torch.compile on device-resident uint8 batches, with the MFU from the counted FLOPs (3 x forward).
 
+With --timm_train PATH (train.py of a clone of github.com/huggingface/pytorch-image-models; timm's wheel does not
+ship it) stage 1 is also timed against timm's own training script: the same split's face crops, byte-identical
+(the JPEGs of the face cache, written out as an ImageFolder), the same augmentation (crop scale 0.8-1, ratio
+0.9-1.1, flip, colour jitter 0.1: timm's in the loader, the project's on the device), cross-entropy, AdamW and
+clipping; its img/s is the batch size over the mean update time of each epoch's last log line.
+
     python benchmarks/benchmark_train.py [--runs 3] [--epochs 4] [--subjects 150] [--batch_size 32]
+        [--timm_train pytorch-image-models/train.py]
 """
 import argparse
 import csv
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -45,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
+    parser.add_argument("--timm_train", help="timm's train.py (a pytorch-image-models clone): stage 1 against it too")
     return parser.parse_args(argv)
 
 
@@ -83,6 +94,46 @@ def bare_speed(stage, args, root, exp):
             optimizer.zero_grad()
             images += len(x)
         speeds.append(images / (time.time() - start))
+    return statistics.median(speeds[1:])
+
+
+# timm's train.py synchronises CUDA after every validation batch, whatever the device: off CUDA that is a no-op
+TIMM_TRAIN_OFF_CUDA = """import runpy, sys, torch
+if not torch.cuda.is_available():
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")"""
+
+
+def timm_train_speed(args, root, exp):
+    """timm's own train.py on the byte-identical face crops of the project's split and cache, as an ImageFolder."""
+    table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
+    cache = wfas_data.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
+    folder = exp / "image_folder"
+    for row in range(len(table)):
+        split = {"train": "train", "val": "validation"}.get(wfas_data.SPLITS[table.split[row]])
+        if split:
+            jpeg = np.memmap(cache.shard_files[cache.shard_of[row]], dtype=np.uint8, mode="r")[
+                cache.start[row]:cache.start[row] + cache.length[row]]
+            target = folder / split / ("live" if table.label[row] == wfas_data.LIVE else "spoof") / f"{row}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(jpeg.tobytes())
+    (exp / "device.yaml").write_text(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}\n")
+    run = subprocess.run([
+        sys.executable, "-c", TIMM_TRAIN_OFF_CUDA, args.timm_train, "--config", str(exp / "device.yaml"),
+        "--data-dir", str(folder),
+        "--model", STAGES[1][0], "--num-classes", "2", "--img-size", str(args.img_size), "-b", str(args.batch_size),
+        "--workers", str(args.num_workers), "--epochs", str(args.epochs), "--opt", "adamw", "--lr", "1e-3",
+        "--weight-decay", "0.05", "--clip-grad", "5", "--sched", "cosine", "--warmup-epochs", "0", "--smoothing", "0",
+        "--scale", "0.8", "1.0", "--ratio", "0.9", "1.1", "--hflip", "0.5", "--color-jitter", "0.1",
+        "--train-interpolation", "bilinear", "--log-interval", "1", "--output", str(exp / "timm_output")],
+        capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"timm's train.py failed:\n{run.stderr[-3000:]}")
+    last_line_of_epoch = {}
+    for epoch, mean_update in re.findall(r"Train: (\d+) \[.*?\((\d+\.\d+)s,", run.stdout + run.stderr):
+        last_line_of_epoch[int(epoch)] = float(mean_update)
+    speeds = [args.batch_size / last_line_of_epoch[epoch] for epoch in sorted(last_line_of_epoch)]
     return statistics.median(speeds[1:])
 
 
@@ -132,7 +183,7 @@ def main(argv=None):
         make_demo.make_demo(root, subjects=args.subjects, seed=0)
         for stage in args.stages:
             model_name, _ = STAGES[stage]
-            project, bare = [], []
+            project, bare, timm_script = [], [], []
             for run in range(args.runs):
                 exp = Path(tmp) / f"stage1_for_soft_labels_{run}"
                 if stage == 2:  # the student needs a split and soft labels: a short stage 1 first
@@ -143,11 +194,18 @@ def main(argv=None):
                     exp = Path(tmp) / f"stage1_{run}"
                 project.append(script_speed(stage, args, root, exp))
                 bare.append(bare_speed(stage, args, root, Path(tmp) / f"bare{stage}_{run}"))
+                if stage == 1 and args.timm_train:
+                    timm_script.append(timm_train_speed(args, root, exp))
             print(f"stage {stage} ({model_name} at {args.img_size} px, batch {args.batch_size}, "
                   f"{args.num_workers} loader worker(s), {torch.get_num_threads()} threads): project "
                   f"{statistics.median(project):.0f} img/s {[round(p) for p in project]}, bare timm loop "
                   f"{statistics.median(bare):.0f} img/s {[round(b) for b in bare]}; time per image "
                   f"{statistics.median(bare) / statistics.median(project):.3f}x the bare loop's")
+            if timm_script:
+                print(f"stage 1 against timm's train.py on the same face crops: project "
+                      f"{statistics.median(project):.0f} img/s, timm train.py {statistics.median(timm_script):.0f} "
+                      f"img/s {[round(t) for t in timm_script]}: the project at "
+                      f"{statistics.median(project) / statistics.median(timm_script):.3f}x timm's speed")
             if torch.cuda.is_available():
                 cuda_figures(stage, args)
 

@@ -14,7 +14,8 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, TINY_STAGE1, run_script
+import train_stage1
 import wfas_data
 from tools import common, data, export_onnx, faces, predict
 from wfas_data import UserError
@@ -130,6 +131,31 @@ def test_the_detect_command_and_a_missing_detector_are_one_line(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "retinaface", None)  # as if it were not installed
     with pytest.raises(UserError, match=re.escape(faces.INSTALL)):
         faces.FaceDetector()
+
+
+def test_own_photos_in_class_folders_are_detected_then_trained_on_split_by_image(portrait_box, tmp_path):
+    """live/ and spoof/ folders of photos without box files, the common layout of one's own data."""
+    own, rng = tmp_path / "own", np.random.default_rng(0)
+    for folder, background in (("live", (96, 110, 128)), ("spoof", (170, 120, 60))):
+        (own / folder).mkdir(parents=True)
+        for i in range(12):
+            frame, _ = pasted((320, 240), (int(rng.integers(0, 180)), int(rng.integers(0, 80))), 0.25, background)
+            frame.save(own / folder / f"{i}.jpg")
+    assert data.detect_boxes(own, workers=1, log=lambda _: None)["boxed_now"] == 24
+    table = wfas_data.index_dataset(own)  # the folder itself: live/ is live, spoof/ the attack type "spoof"
+    assert sorted(set(zip(table.label.tolist(), table.attack_types(), table.subject.tolist()))) == [
+        (0, "spoof", b"spoof"), (1, "live", b"live")] and table.has_bbox.all()
+    flags = ["--data_root", str(own), "--output_dir", str(tmp_path / "EXP"), *TINY_STAGE1, "--batch_size", "4",
+             "--val_fraction", "0.25", "--test_fraction", "0.25"]
+    with pytest.raises(UserError, match="pass --split_by image"):  # two folders: no subject to hold out
+        train_stage1.main(flags)
+    results = train_stage1.main([*flags, "--split_by", "image"])
+    assert results["num_train_images"] == 12 and results["num_soft_labels"] == 12
+    with open(tmp_path / "EXP" / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    detected = {r["path"]: wfas_data.read_bbox(own / r["path"].replace(".jpg", ".txt"))[:2].reshape(4) for r in rows}
+    assert all(np.allclose([float(r[k]) for k in ("x1", "y1", "x2", "y2")], detected[r["path"]], atol=0.01)
+               for r in rows)
 
 
 def read_rows(path):

@@ -152,8 +152,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="summarise a dataset before a long run")
-    check.add_argument("--data_root", required=True, help="WFAS folder (holding Train/), Train/ itself, or a "
-                                                          "labelled list file")
+    check.add_argument("--data_root", required=True, help="as for train_stage1.py")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     check.add_argument("--verify_images", action="store_true", help="also decode every image")
     check.add_argument("--workers", type=int, default=16, help="threads for reading files (default: 16)")
