@@ -163,8 +163,8 @@ def mean_of_folds(fold_rows, split_table, threshold=None):
     paths, labels, attack_types, _ = fold_rows[0]  # the fold teachers' rows of a split list the same images
     scores = np.mean([rows[3] for rows in fold_rows], axis=0)
     metrics = wfas_data.compute_metrics(scores, labels, attack_types, threshold, split_table.unseen_attacks)
-    true_class_probs = np.where(labels == wfas_data.LIVE, scores, 1 - scores)
-    metrics["loss"] = float(-np.log(np.clip(true_class_probs, 1e-12, None)).mean())
+    true_class_probs = np.clip(np.where(labels == wfas_data.LIVE, scores, 1 - scores), 1e-12, None)
+    metrics.update(loss=float(-np.log(true_class_probs).mean()), unreadable=len(split_table) - len(labels))
     return metrics, (paths, labels, attack_types, scores)
 
 

@@ -151,8 +151,9 @@ def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     shutil.copytree(demo_root, root)
     exp = tmp_path / "EXP"
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
-    broken = table.of_split("train").paths()[0]
-    (root / broken).write_bytes(b"\xff\xd8\xff truncated")
+    broken, broken_val = table.of_split("train").paths()[0], table.of_split("val").paths()[0]
+    for path in (broken, broken_val):
+        (root / path).write_bytes(b"\xff\xd8\xff truncated")
     # batch size 1: no drop_last tail, so the epoch surely meets the broken image
     results = train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1,
                                  "--batch_size", "1"])
@@ -163,6 +164,7 @@ def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     assert broken in log and "1 undecodable images skipped" in log
     results = json.loads((exp / "stage1_results.json").read_text())
     assert results["undecodable_train_images"] == [broken]
+    assert (results["val"]["unreadable"], results["test"]["unreadable"]) == (1, 0)  # counted, not scored
 
 
 def test_a_tracker_that_is_not_installed_is_a_clear_error():
