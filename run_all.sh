@@ -6,6 +6,7 @@
 #
 # Each stage runs under `accelerate launch`, so your accelerate config (GPUs, nodes, mixed precision)
 # applies; ACCELERATE_ARGS adds launcher flags, e.g. ACCELERATE_ARGS="--num_processes 8 --mixed_precision bf16".
+# Without a GPU, an accelerate config and ACCELERATE_ARGS, there is nothing to launch: plain python runs them.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -143,7 +144,8 @@ write_experiment_info() {  # on the main node only: the experiment folder is sha
   [[ $NODE_RANK_HERE == 0 ]] || return 0
   "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" <<'EOF'
 import json, os, platform, subprocess, sys, datetime
-import accelerate, timm, torch
+from importlib.metadata import version  # timm's and accelerate's, without the seconds their imports take
+import torch
 out, start, command, status1, seconds1, status2, seconds2, here = sys.argv[1:]
 sys.path.insert(0, here)
 import wfas_data
@@ -158,8 +160,8 @@ s1, s2 = results("stage1_results.json"), results("final_results.json")
 info = {
     "start_time": start, "end_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     "command_line": command, "git_commit": commit or None,
-    "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                 "accelerate": accelerate.__version__},
+    "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
+                 "accelerate": version("accelerate")},
     "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [platform.processor() or "cpu"],
     "num_processes": s2.get("num_processes", s1.get("num_processes")),
     "mixed_precision": s2.get("mixed_precision", s1.get("mixed_precision")),
@@ -173,9 +175,9 @@ EOF
 run_stage() {  # run_stage N script args...: launch one stage (or tool), stop everything if it fails
   local n="$1" script="$2"; shift 2
   local began=$SECONDS status=0
-  echo "=== Stage $n: accelerate launch ${ACCELERATE_ARGS:+$ACCELERATE_ARGS }$script $* ==="
+  echo "=== Stage $n: ${LAUNCH[*]} ${ACCELERATE_ARGS:+$ACCELERATE_ARGS }$script $* ==="
   # shellcheck disable=SC2086  # ACCELERATE_ARGS holds several launcher flags
-  accelerate launch ${ACCELERATE_ARGS:-} "$HERE/$script" "$@" || status=$?
+  "${LAUNCH[@]}" ${ACCELERATE_ARGS:-} "$HERE/$script" "$@" || status=$?
   printf -v "SECONDS$n" "%s" "$((SECONDS - began))"
   if [[ $status -ne 0 ]]; then
     printf -v "STATUS$n" "%s" "failed ($status)"
@@ -191,11 +193,19 @@ run_stage() {  # run_stage N script args...: launch one stage (or tool), stop ev
 }
 
 command -v accelerate >/dev/null || fail "accelerate is not installed: pip install -r requirements.txt"
-# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: on a machine without a GPU, one process would
-# then train on one core (measured here: resnet18 at 43 img/s instead of 74 on 2 cores)
-if [[ " ${ACCELERATE_ARGS:-} " != *" --num_cpu_threads_per_process"* && " ${ACCELERATE_ARGS:-} " != *" --num_processes"* ]] \
-   && [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())") == False ]]; then
-  ACCELERATE_ARGS="${ACCELERATE_ARGS:-} --num_cpu_threads_per_process $(nproc)"
+LAUNCH=(accelerate launch)
+HF_HOME_DIR="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_config.yaml}"  # where accelerate looks
+if [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())") == False ]]; then
+  if [[ -z ${ACCELERATE_ARGS:-} && ! -f $ACCELERATE_CONFIG ]]; then
+    # one process on the CPU and no accelerate config: all that accelerate launch would set up is the thread count,
+    # and its own start costs 6 s a call here, so the stages run under plain python, on all the cores
+    LAUNCH=(env "OMP_NUM_THREADS=$(nproc)" "$PYTHON")
+  elif [[ " ${ACCELERATE_ARGS:-} " != *" --num_cpu_threads_per_process"* && " ${ACCELERATE_ARGS:-} " != *" --num_processes"* ]]; then
+    # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: on a machine without a GPU, one process would
+    # then train on one core (measured here: resnet18 at 43 img/s instead of 74 on 2 cores)
+    ACCELERATE_ARGS="${ACCELERATE_ARGS:-} --num_cpu_threads_per_process $(nproc)"
+  fi
 fi
 if [[ $RESUME == 1 && $STAGE2_ONLY == 0 && -f $OUTPUT_DIR/stage1_results.json ]]; then
   echo "=== Stage 1 finished earlier ($OUTPUT_DIR/stage1_results.json): kept (--resume) ==="
@@ -207,7 +217,7 @@ if [[ $STAGE1_ONLY == 0 ]]; then
   if [[ ${#LISTS[@]} -gt 0 ]]; then
     echo "=== Submission: tools/predict.py on ${LISTS[*]} ==="
     # shellcheck disable=SC2086
-    accelerate launch ${ACCELERATE_ARGS:-} "$HERE/tools/predict.py" --output_dir "$OUTPUT_DIR" --predict_lists "${LISTS[@]}" \
+    "${LAUNCH[@]}" ${ACCELERATE_ARGS:-} "$HERE/tools/predict.py" --output_dir "$OUTPUT_DIR" --predict_lists "${LISTS[@]}" \
       || fail "the submission failed; rerun: python tools/predict.py --output_dir $OUTPUT_DIR --predict_lists ${LISTS[*]}"
   fi
 fi
