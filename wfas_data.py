@@ -183,13 +183,13 @@ def resolve_data_root(data_root):
     """The folder that holds Train/ (that folder or Train/ itself), or one that holds live/ (or living/) and spoof/."""
     root = Path(data_root).expanduser()
     if not root.exists():
-        raise UserError(f"--data_root {root} does not exist; expected the WFAS folder that holds Train/ "
-                        "(Train/living and Train/spoof), a folder of live/ and spoof/, or a labelled list file")
-    class_folders = (root / "spoof").is_dir() and any((root / name).is_dir() for name in ("live", "living"))
-    if (root / "Train").is_dir() or class_folders:
+        raise UserError(f"--data_root {root} does not exist; give a WFAS folder, live/ + spoof/ folders or a list file")
+    if (root / "Train").is_dir():
         return root
     if root.name == "Train" and ((root / "living").is_dir() or (root / "spoof").is_dir()):
         return root.parent
+    if (root / "spoof").is_dir() and any((root / name).is_dir() for name in ("live", "living")):
+        return root  # a folder per class
     raise UserError(f"--data_root {root} is not a WFAS folder: expected Train/living/<subject>/*.jpg and "
                     "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself), live/ and spoof/ "
                     "folders, or a labelled list file")
