@@ -109,12 +109,11 @@ def timm_train_speed(args, root, exp):
     """timm's own train.py on the byte-identical face crops of the project's split and cache, as an ImageFolder."""
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
     cache = wfas_data.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
-    folder = exp / "image_folder"
+    folder, shards = exp / "image_folder", [np.memmap(f, dtype=np.uint8, mode="r") for f in cache.shard_files]
     for row in range(len(table)):
         split = {"train": "train", "val": "validation"}.get(wfas_data.SPLITS[table.split[row]])
         if split:
-            jpeg = np.memmap(cache.shard_files[cache.shard_of[row]], dtype=np.uint8, mode="r")[
-                cache.start[row]:cache.start[row] + cache.length[row]]
+            jpeg = shards[cache.shard_of[row]][cache.start[row]:cache.start[row] + cache.length[row]]
             target = folder / split / ("live" if table.label[row] == wfas_data.LIVE else "spoof") / f"{row}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(jpeg.tobytes())

@@ -133,7 +133,7 @@ def test_the_detect_command_and_a_missing_detector_are_one_line(tmp_path, monkey
         faces.FaceDetector()
 
 
-def test_own_photos_in_class_folders_are_detected_then_trained_on_split_by_image(portrait_box, tmp_path):
+def test_own_photos_in_class_folders_are_detected_then_trained_on_split_by_image(tmp_path):
     """live/ and spoof/ folders of photos without box files, the common layout of one's own data."""
     own, rng = tmp_path / "own", np.random.default_rng(0)
     for folder, background in (("live", (96, 110, 128)), ("spoof", (170, 120, 60))):
