@@ -142,13 +142,12 @@ NODE_RANK_HERE="$(node_rank)"
 
 write_experiment_info() {  # on the main node only: the experiment folder is shared by all nodes
   [[ $NODE_RANK_HERE == 0 ]] || return 0
-  "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" <<'EOF'
-import json, os, platform, subprocess, sys, datetime
+  "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" \
+    "$TORCH_AND_GPUS" <<'EOF'
+import json, os, platform, socket, subprocess, sys, datetime
 from importlib.metadata import version  # timm's and accelerate's, without the seconds their imports take
-import torch
-out, start, command, status1, seconds1, status2, seconds2, here = sys.argv[1:]
-sys.path.insert(0, here)
-import wfas_data
+out, start, command, status1, seconds1, status2, seconds2, here, torch_and_gpus = sys.argv[1:]
+torch_version, *gpus = torch_and_gpus.splitlines()
 def results(name):
     path = os.path.join(out, name)
     return json.load(open(path)) if os.path.exists(path) else {}
@@ -160,15 +159,19 @@ s1, s2 = results("stage1_results.json"), results("final_results.json")
 info = {
     "start_time": start, "end_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     "command_line": command, "git_commit": commit or None,
-    "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
+    "versions": {"python": platform.python_version(), "torch": torch_version, "timm": version("timm"),
                  "accelerate": version("accelerate")},
-    "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [platform.processor() or "cpu"],
+    "devices": gpus or [platform.processor() or "cpu"],
     "num_processes": s2.get("num_processes", s1.get("num_processes")),
     "mixed_precision": s2.get("mixed_precision", s1.get("mixed_precision")),
     "accelerate_args": os.environ.get("ACCELERATE_ARGS", ""),
     "stage1": stage(status1, seconds1, s1), "stage2": stage(status2, seconds2, s2),
 }
-wfas_data.write_json(os.path.join(out, "experiment_info.json"), info)
+path = os.path.join(out, "experiment_info.json")  # written aside and renamed, as wfas_data.write_json does
+tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+with open(tmp, "w") as f:
+    f.write(json.dumps(info, indent=2) + "\n")
+os.replace(tmp, path)
 EOF
 }
 
@@ -196,7 +199,13 @@ command -v accelerate >/dev/null || fail "accelerate is not installed: pip insta
 LAUNCH=(accelerate launch)
 HF_HOME_DIR="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_config.yaml}"  # where accelerate looks
-if [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())") == False ]]; then
+# torch's version (its build too: +cu130, +cpu), then the GPUs' names, a line each, for experiment_info.json; no
+# GPU: the launch below can be plain python
+TORCH_AND_GPUS="$("$PYTHON" -c 'import torch
+print(torch.__version__)
+for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0): print(torch.cuda.get_device_name(i))')"
+GPUS="$(tail -n +2 <<< "$TORCH_AND_GPUS")"
+if [[ -z $GPUS ]]; then
   if [[ -z ${ACCELERATE_ARGS:-} && ! -f $ACCELERATE_CONFIG ]]; then
     # one process on the CPU and no accelerate config: all that accelerate launch would set up is the thread count,
     # and its own start costs 6 s a call here, so the stages run under plain python, on all the cores

@@ -221,7 +221,8 @@ def main(argv=None):
         train_loader = loaders.make(wfas_data.FaceDataset(trained_on, img_size, train_transform(img_size),
                                                           args.face_crop_scale, cache), shuffle=True, persistent=True)
         val_loader = loaders.make(datasets["val"], persistent=True)
-        optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = create_optimizer_v2(teacher, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay,
+                                        fused=accelerator.device.type in ("cpu", "cuda"))  # README: Performance
         model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
         set_seed(args.seed + fold, device_specific=True)
         ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
@@ -311,8 +312,7 @@ def main(argv=None):
         "undecodable_train_images": sorted(undecodable),
         "soft_label_folds": {"num_folds": num_folds, "file": str(output_dir / f"{STAGE}_folds.csv"),
                              "deployed": best_fold["checkpoint"], "folds": fold_summaries},
-        **run_log.totals(), "compute": compute,
-    }
+        **run_log.totals(), "compute": compute}
     if accelerator.is_main_process:
         if num_folds > 1:  # the deployable teacher: the fold teacher with the best val ACER
             deployed = checkpoints.best_path.with_name(f"{STAGE}_best.safetensors")

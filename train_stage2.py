@@ -239,7 +239,8 @@ def main(argv=None):
     train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler, persistent=True)
     val_loader = loaders.make(datasets["val"], persistent=True)
     net = LogitsAndEmbedding(student)
-    optimizer = create_optimizer_v2(student, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = create_optimizer_v2(student, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay,
+                                    fused=accelerator.device.type in ("cpu", "cuda"))  # README: Performance
     model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
     set_seed(args.seed, device_specific=True)
     ema = checkpoints.track_ema(net, args.model_ema_decay)  # when on, what is validated, kept and deployed
@@ -305,8 +306,7 @@ def main(argv=None):
         "val_acc": val["acc"], "val_acer": val["acer"], "val_auc": val["auc"], "num_val_images": val["num_images"],
         "num_test_images": test["num_images"], "num_soft_label_fallbacks": num_fallback,
         "teacher_test_acer": teacher_test.get("acer"), "teacher_test_acc": teacher_test.get("acc"),
-        "model_name": args.model_name, "img_size": img_size, **run_log.totals(), "compute": compute,
-    }
+        "model_name": args.model_name, "img_size": img_size, **run_log.totals(), "compute": compute}
     logger.info(f"Best epoch {results['best_epoch']}: val {wfas_data.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {wfas_data.format_metrics(test, True)}")
     logger.info(report.format_operating_points(operating_points))

@@ -44,6 +44,7 @@ def test_demo_path_writes_the_experiment_folder(tmp_path):
                 "mixed_precision"):
         assert key in info, key
     assert set(info["versions"]) == {"python", "torch", "timm", "accelerate"}
+    assert info["versions"]["torch"] == torch.__version__ and info["devices"]  # the build too (+cu130, +cpu)
     for stage in ("stage1", "stage2"):
         assert info[stage]["exit_status"] == "ok"
         assert info[stage]["wall_time_s"] >= 0 and info[stage]["images_per_second"] > 0

@@ -36,6 +36,8 @@ def test_outputs_exist_in_their_formats(stage1_run):
     model.load_state_dict(load_file(best))  # plain timm weights
     latest = exp / "checkpoints" / "stage1" / "stage1_latest"
     assert (latest / "model.safetensors").is_file() and (latest / "optimizer.bin").is_file()
+    optimizer = torch.load(latest / "optimizer.bin", weights_only=True)  # fused AdamW: README, Performance
+    assert optimizer["state"] and all(group["fused"] for group in optimizer["param_groups"])
     assert json.loads((latest / "training_state.json").read_text())["epoch"] == 0
     logs = list((exp / "logs" / "stage1").glob("stage1_training_*.log"))
     assert len(logs) == 1

@@ -31,6 +31,8 @@ def test_outputs_exist_in_their_formats(stage2_run):
         metadata = f.metadata()
     assert metadata["model_name"] == "maxvit_rmlp_pico_rw_256" and metadata["img_size"] == "64"
     assert (exp / "checkpoints" / "stage2" / "stage2_latest" / "training_state.json").is_file()
+    optimizer = torch.load(exp / "checkpoints" / "stage2" / "stage2_latest" / "optimizer.bin", weights_only=True)
+    assert optimizer["state"] and all(group["fused"] for group in optimizer["param_groups"])
     assert json.loads((exp / "stage2_config.json").read_text())["triplet_weight"] == 0.5
     log = max((exp / "logs" / "stage2").glob("stage2_training_*.log")).read_text()
     assert "focal" in log and "triplet" in log and "kd" in log and "0 fall back to their hard label" in log
