@@ -87,6 +87,16 @@ if [[ $DOWNLOAD_ONLY == 1 ]]; then
   echo "Weights cached under $OUTPUT_DIR/model/; runs with --output_dir $OUTPUT_DIR (or the same --model_cache_dir) reuse them offline"
   exit 0
 fi
+# torch's version (its build too: +cu130, +cpu), then the GPUs' names, a line each, for experiment_info.json; no
+# GPU: the launch below can be plain python. Read in the background: importing torch takes seconds, which the demo
+# data's generation, on one core, hides.
+GPU_CHECK_FILE="$(mktemp)"
+trap 'rm -f "$GPU_CHECK_FILE"' EXIT
+"$PYTHON" -c 'import torch
+print(torch.__version__)
+for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0): print(torch.cuda.get_device_name(i))' \
+  > "$GPU_CHECK_FILE" &
+GPU_CHECK_PID=$!
 if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
   DEMO=1
   DATA_ROOT="demo_data"
@@ -199,11 +209,8 @@ command -v accelerate >/dev/null || fail "accelerate is not installed: pip insta
 LAUNCH=(accelerate launch)
 HF_HOME_DIR="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_config.yaml}"  # where accelerate looks
-# torch's version (its build too: +cu130, +cpu), then the GPUs' names, a line each, for experiment_info.json; no
-# GPU: the launch below can be plain python
-TORCH_AND_GPUS="$("$PYTHON" -c 'import torch
-print(torch.__version__)
-for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0): print(torch.cuda.get_device_name(i))')"
+wait "$GPU_CHECK_PID" || fail "$PYTHON cannot import torch (see above): pip install -r requirements.txt"
+TORCH_AND_GPUS="$(<"$GPU_CHECK_FILE")"
 GPUS="$(tail -n +2 <<< "$TORCH_AND_GPUS")"
 if [[ -z $GPUS ]]; then
   if [[ -z ${ACCELERATE_ARGS:-} && ! -f $ACCELERATE_CONFIG ]]; then
@@ -223,15 +230,18 @@ fi
 [[ $STAGE2_ONLY == 1 ]] || run_stage 1 train_stage1.py "${STAGE1[@]}"
 if [[ $STAGE1_ONLY == 0 ]]; then
   run_stage 2 train_stage2.py "${STAGE2[@]}"
-  if [[ ${#LISTS[@]} -gt 0 ]]; then
-    echo "=== Submission: tools/predict.py on ${LISTS[*]} ==="
-    # shellcheck disable=SC2086
-    "${LAUNCH[@]}" ${ACCELERATE_ARGS:-} "$HERE/tools/predict.py" --output_dir "$OUTPUT_DIR" --predict_lists "${LISTS[@]}" \
-      || fail "the submission failed; rerun: python tools/predict.py --output_dir $OUTPUT_DIR --predict_lists ${LISTS[*]}"
-  fi
+fi
+# the report reads neither the submission nor experiment_info.json: drawn meanwhile, on a core of its own
+"$PYTHON" "$HERE/tools/report.py" "$OUTPUT_DIR" >/dev/null &
+REPORT_PID=$!
+if [[ $STAGE1_ONLY == 0 && ${#LISTS[@]} -gt 0 ]]; then
+  echo "=== Submission: tools/predict.py on ${LISTS[*]} ==="
+  # shellcheck disable=SC2086
+  "${LAUNCH[@]}" ${ACCELERATE_ARGS:-} "$HERE/tools/predict.py" --output_dir "$OUTPUT_DIR" --predict_lists "${LISTS[@]}" \
+    || fail "the submission failed; rerun: python tools/predict.py --output_dir $OUTPUT_DIR --predict_lists ${LISTS[*]}"
 fi
 write_experiment_info
-"$PYTHON" "$HERE/tools/report.py" "$OUTPUT_DIR" >/dev/null || echo "run_all.sh: tools/report.py $OUTPUT_DIR failed" >&2
+wait "$REPORT_PID" || echo "run_all.sh: tools/report.py $OUTPUT_DIR failed" >&2
 
 "$PYTHON" - "$OUTPUT_DIR" "$DEMO" <<'EOF'
 import json, os, sys

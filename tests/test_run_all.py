@@ -95,3 +95,13 @@ def test_only_the_main_node_writes_the_shared_experiment_info(tmp_path):
     result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
                      "--stage1_args", "--no-pretrained", env={"SLURM_NODEID": "0"})
     assert (tmp_path / "EXP" / "experiment_info.json").exists()
+
+
+def test_a_python_without_torch_is_one_clear_line(tmp_path):
+    python = tmp_path / "python"  # stands for an interpreter of another environment, where torch is missing
+    python.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    python.chmod(0o755)
+    result = run_all(tmp_path, "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "EXP"),
+                     env={"PYTHON": str(python)})
+    assert result.returncode == 2 and f"{python} cannot import torch" in result.stderr
+    assert "Stage 1" not in result.stdout

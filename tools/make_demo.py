@@ -8,15 +8,12 @@ so a model learns them in a few epochs on a CPU.
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import wfas_data  # noqa: E402
-from wfas_data import UserError  # noqa: E402
+# numpy and Pillow only: run_all.sh makes the demo data while another core imports torch for its GPU check
 
 DEMO_ATTACK_TYPES = ("2D-Display-Pad", "2D-Display-Phone", "2D-Print-Album", "2D-Print-Newspaper",
                      "2D-Print-Photo", "2D-Print-Poster", "3D-AdultDoll", "3D-GarageKit", "3D-Mask")
@@ -100,15 +97,20 @@ def _demo_attack(rng, attack_type, image, inside):
 
 def _save_demo_image(image, points, path, rng):
     """The image and its bbox .txt, each written aside and renamed: a killed run leaves no half-written file."""
-    tmp = wfas_data.aside(path)
+    tmp = aside(path)
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=95)
     os.replace(tmp, path)
     jitter = points + rng.normal(0, 1.0, points.shape)  # detector noise
     write_text(path.with_suffix(".txt"), "".join(f"{px:.2f} {py:.2f}\n" for px, py in jitter))
 
 
+def aside(path):
+    """A temporary name next to path (wfas_data.aside's, whose import would bring torch's seconds)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def write_text(path, text):
-    tmp = wfas_data.aside(path)
+    tmp = aside(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -155,21 +157,22 @@ def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof
     return root, count
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write (it gets Train/, Dev/ and Test/)")
     parser.add_argument("--subjects", type=int, default=150, help="live subjects; each attack type gets half as many")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything drawn")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.subjects < 3:
-        raise UserError(f"--subjects {args.subjects}: need at least 3 so that train, val and test get one each")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subjects < 3:  # argparse's own one-line error and exit status 2
+        parser.error(f"--subjects {args.subjects}: need at least 3 so that train, val and test get one each")
     root, count = make_demo(args.out_dir, subjects=args.subjects, seed=args.seed)
     print(f"Wrote a generated demo dataset (not real faces) with {count} training images to {root}")
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    main()
