@@ -90,12 +90,12 @@ fi
 # torch's version (its build too: +cu130, +cpu), then the GPUs' names, a line each, for experiment_info.json; no
 # GPU: the launch below can be plain python. Read in the background: importing torch takes seconds, which the demo
 # data's generation, on one core, hides.
-GPU_CHECK_FILE="$(mktemp)"
-trap 'rm -f "$GPU_CHECK_FILE"' EXIT
+GPU_CHECK_FILE="$(mktemp)" GPU_CHECK_ERRORS="$(mktemp)"
+trap 'rm -f "$GPU_CHECK_FILE" "$GPU_CHECK_ERRORS"' EXIT
 "$PYTHON" -c 'import torch
 print(torch.__version__)
 for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0): print(torch.cuda.get_device_name(i))' \
-  > "$GPU_CHECK_FILE" &
+  > "$GPU_CHECK_FILE" 2> "$GPU_CHECK_ERRORS" &
 GPU_CHECK_PID=$!
 if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
   DEMO=1
@@ -209,7 +209,9 @@ command -v accelerate >/dev/null || fail "accelerate is not installed: pip insta
 LAUNCH=(accelerate launch)
 HF_HOME_DIR="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_config.yaml}"  # where accelerate looks
-wait "$GPU_CHECK_PID" || fail "$PYTHON cannot import torch (see above): pip install -r requirements.txt"
+# its traceback's last line only ("No module named 'torch'", a CUDA library missing...): one line for a user error
+wait "$GPU_CHECK_PID" \
+  || fail "$PYTHON cannot import torch ($(tail -n 1 "$GPU_CHECK_ERRORS")): pip install -r requirements.txt"
 TORCH_AND_GPUS="$(<"$GPU_CHECK_FILE")"
 GPUS="$(tail -n +2 <<< "$TORCH_AND_GPUS")"
 if [[ -z $GPUS ]]; then
