@@ -99,8 +99,11 @@ def test_only_the_main_node_writes_the_shared_experiment_info(tmp_path):
 
 def test_a_python_without_torch_is_one_clear_line(tmp_path):
     python = tmp_path / "python"  # stands for an interpreter of another environment, where torch is missing
-    python.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\necho '  File \"<string>\", line 1' >&2\n"
-                      "echo \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    python.write_text("#!/bin/sh\n"
+                      "echo 'Traceback (most recent call last):' >&2\n"
+                      "echo '  File \"<string>\", line 1' >&2\n"
+                      "echo \"ModuleNotFoundError: No module named 'torch'\" >&2\n"
+                      "exit 1\n")
     python.chmod(0o755)
     result = run_all(tmp_path, "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "EXP"),
                      env={"PYTHON": str(python)})
