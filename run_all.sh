@@ -212,6 +212,7 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_con
 # its traceback's last line only ("No module named 'torch'", a CUDA library missing...): one line for a user error
 wait "$GPU_CHECK_PID" \
   || fail "$PYTHON cannot import torch ($(tail -n 1 "$GPU_CHECK_ERRORS")): pip install -r requirements.txt"
+cat "$GPU_CHECK_ERRORS" >&2  # torch's warnings, if any (an NVIDIA driver too old for this build...), as before
 TORCH_AND_GPUS="$(<"$GPU_CHECK_FILE")"
 GPUS="$(tail -n +2 <<< "$TORCH_AND_GPUS")"
 if [[ -z $GPUS ]]; then
