@@ -7,6 +7,7 @@ A new stage 2 term is one function here, one entry in stage2_loss's `terms` and 
 
 Each takes optional per-sample weights (1 = use, 0 = leave out, e.g. an image that could not be decoded),
 so that leaving samples out needs no boolean indexing, which would make the CPU wait for the device."""
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +30,7 @@ def focal_loss(logits, targets, gamma=2.0, alpha=None, weights=None):
     # 1 - p_t from expm1 keeps its precision for confident samples; the floor keeps the gradient of x^gamma
     # finite at x = 0 for gamma < 1 (its derivative is infinite there, and inf * 0 is NaN)
     one_minus_pt = (-torch.expm1(log_pt)).clamp_min(torch.finfo(torch.float32).tiny)
-    loss = -(one_minus_pt ** gamma) * log_pt
+    loss = -(one_minus_pt**gamma) * log_pt
     if alpha is not None:
         loss = loss * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[targets]
     return weighted_mean(loss, weights)
@@ -46,7 +47,8 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.3, weights=None):
     pair = usable[:, None] & usable[None, :]
     same_class = labels[:, None] == labels[None, :]
     not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    positives, negatives = same_class & not_self & pair, ~same_class & pair
+    positives = same_class & not_self & pair
+    negatives = ~same_class & pair
     # distances lie in [0, 2]: 0 and 4 stand for "no such sample" without infinities in the graph
     hardest_positive = distances.masked_fill(~positives, 0).amax(dim=1)
     hardest_negative = distances.masked_fill(~negatives, 4).amin(dim=1)
@@ -64,15 +66,26 @@ def distillation_loss(student_logits, teacher_probs, temperature=1.0, weights=No
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1).float()
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     per_sample = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=1)
-    return weighted_mean(per_sample, weights) * temperature ** 2
+    return weighted_mean(per_sample, weights) * temperature**2
 
 
 # the stage 2 terms, in the order the logs show them; each has a --<name>_weight flag in train_stage2.py
 STAGE2_TERMS = ("focal", "triplet", "kd")
 
 
-def stage2_loss(logits, embeddings, labels, teacher_probs, term_weights, *, weights=None, focal_gamma=2.0,
-                focal_alpha=None, triplet_margin=0.3, kd_temperature=1.0):
+def stage2_loss(
+    logits,
+    embeddings,
+    labels,
+    teacher_probs,
+    term_weights,
+    *,
+    weights=None,
+    focal_gamma=2.0,
+    focal_alpha=None,
+    triplet_margin=0.3,
+    kd_temperature=1.0,
+):
     """Total = sum of term_weights[name] * term, over the samples whose weight is 1. term_weights: a weight for
     each of STAGE2_TERMS, e.g. {"focal": 1.0, "triplet": 0.5, "kd": 1.0}. Returns the total and each part
     (detached) for logging; a term of weight 0 is still computed and logged."""

@@ -177,7 +177,7 @@ info = {
     "accelerate_args": os.environ.get("ACCELERATE_ARGS", ""),
     "stage1": stage(status1, seconds1, s1), "stage2": stage(status2, seconds2, s2),
 }
-path = os.path.join(out, "experiment_info.json")  # written aside and renamed, as wfas_data.write_json does
+path = os.path.join(out, "experiment_info.json")  # written aside and renamed, as output_files.write_json does
 tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 with open(tmp, "w") as f:
     f.write(json.dumps(info, indent=2) + "\n")

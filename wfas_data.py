@@ -1,28 +1,20 @@
-"""WFAS data: indexing, subject-disjoint splits, face crops, the face-crop cache, the loaders and the evaluation
-protocol, shared by train_stage1.py, train_stage2.py (which define their train transforms) and tools/.
+"""WFAS data: indexing, subject-disjoint splits, face crops, the datasets and the loaders of both stages and the
+tools (the train transforms are the stage scripts'; the face-crop cache is face_cache.py).
 
-    python wfas_data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
-    python wfas_data.py cache --data_root DIR --output_dir EXP [--img_size 224]  # build the face cache ahead
-    python wfas_data.py detect --data_root DIR [--overwrite] [--min_score S]  # bbox files, by a face detector
-    (the same as python tools/data.py check|cache|detect ...)
+    python tools/data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
 
 Conventions everywhere in the project: live = 1, spoof = 0, and a score is P(live).
 """
+
 import atexit
 import csv
-import datetime
 import functools
-import hashlib
 import io
 import json
-import logging
 import math
 import multiprocessing
 import os
 import signal
-import socket
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +23,13 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms import v2 as T
-try:  # tqdm comes with huggingface_hub (timm and accelerate need it); its notebook bars need ipywidgets
-    import ipywidgets  # noqa: F401
-    from tqdm.auto import tqdm
-except ImportError:
-    from tqdm import tqdm
 
-LIVE, SPOOF = 1, 0
+from errors import StorageError, UserError
+from output_files import aside, write_json
+from progress import progress_bar
+
+LIVE = 1
+SPOOF = 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -51,85 +43,24 @@ MAX_UNDECODABLE_SHARE = 0.01
 DEFAULT_FACE_CROP_SCALE = 1.5
 
 
-class UserError(Exception):
-    """A problem the user can fix (a path, a file, a setting). Scripts print it as one line and exit 2."""
-
-
-class StorageError(UserError):
-    """A listed file that cannot be read (missing, no permission, a stale NFS handle, EIO): the storage is at
-    fault, not the image, so the run stops instead of training on what remains."""
-
-    def __init__(self, path, error):
-        reason = error.strerror or str(error) or type(error).__name__
-        super().__init__(f"cannot read {path} ({reason}); the split lists it, so check that --data_root is right "
-                         "and that its file system is mounted and readable")
-
-
-def run_cli(main):
-    """Run a script's main(); user errors become one line on stderr and exit code 2, with no traceback."""
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-class PlainProgress:
-    """tqdm's interface for output that is not a terminal (SLURM .out files, CI, `> log`): a plain log line at
-    the first update (unless leave=False) and then every `interval` seconds, instead of a frame per update."""
-
-    def __init__(self, iterable=None, total=None, initial=0, desc="", disable=False, leave=True, interval=60, **_):
-        self.iterable, self.desc, self.disable, self.interval, self.postfix = iterable, desc, disable, interval, {}
-        self.first_line = leave  # a short-lived bar (leave=False) speaks only once it has run `interval`
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.initial, self.start, self.last = initial, initial, time.time(), time.time()
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-
-    def update(self, n=1):
-        self.n += n
-        first = self.first_line and self.n - self.initial == n
-        if self.disable or (not first and time.time() - self.last < self.interval):
-            return
-        self.last = time.time()
-        rate = (self.n - self.initial) / max(self.last - self.start, 1e-9)
-        line = f"{self.desc}: {self.n}" + (f"/{self.total} ({100 * self.n / self.total:.1f}%)" if self.total else "")
-        if self.total and rate > 0:
-            line += f", {rate:.2f} it/s, ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}"
-        logging.getLogger("wfas").info(line + "".join(f", {k} {v}" for k, v in self.postfix.items()))
-
-    def set_postfix(self, **postfix):
-        self.postfix = postfix
-
-    def close(self):  # the lines stay
-        pass
-
-
-def progress_bar(iterable=None, **kwargs):
-    """A live tqdm bar on a terminal and in notebooks; plain progress lines anywhere else."""
-    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
-    return (tqdm if interactive else PlainProgress)(iterable, **kwargs)
-
-
 # -- Indexing ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SampleTable:
     """One row per image in numpy arrays, not per-sample objects, so that loader workers share the pages instead
     of copying them (reference counts touch every Python object). Strings are UTF-8 bytes; `path` is relative
     to `root`. The boxes are read once, when the table is made: loading an image never opens a .txt file."""
+
     root: Path
     path: np.ndarray
-    label: np.ndarray        # int8: LIVE / SPOOF, -1 when unlabelled
+    label: np.ndarray  # int8: LIVE / SPOOF, -1 when unlabelled
     attack_type: np.ndarray  # bytes: LIVE_TYPE or the attack folder name
-    subject: np.ndarray      # bytes: the folder that holds the image; a subject is a folder
-    has_bbox: np.ndarray     # bool: a bbox file lies next to the image
-    box: np.ndarray = None   # float32 [N, 4]: x1, y1, x2, y2 of the face box as in the file; NaN without one
+    subject: np.ndarray  # bytes: the folder that holds the image; a subject is a folder
+    has_bbox: np.ndarray  # bool: a bbox file lies next to the image
+    box: np.ndarray = None  # float32 [N, 4]: x1, y1, x2, y2 of the face box as in the file; NaN without one
     split: np.ndarray = None  # int8 index into SPLITS, once assigned
-    row: np.ndarray = None   # int64: the row in the table this one was selected from (a face cache's index)
+    row: np.ndarray = None  # int64: the row in the table this one was selected from (a face cache's index)
     unseen_attacks: tuple = ()  # attack types held out of train (--unseen_attacks): metrics report them apart
 
     def __post_init__(self):
@@ -142,9 +73,18 @@ class SampleTable:
         return len(self.path)
 
     def select(self, mask):
-        return SampleTable(self.root, self.path[mask], self.label[mask], self.attack_type[mask],
-                           self.subject[mask], self.has_bbox[mask], self.box[mask],
-                           None if self.split is None else self.split[mask], self.row[mask], self.unseen_attacks)
+        return SampleTable(
+            self.root,
+            self.path[mask],
+            self.label[mask],
+            self.attack_type[mask],
+            self.subject[mask],
+            self.has_bbox[mask],
+            self.box[mask],
+            None if self.split is None else self.split[mask],
+            self.row[mask],
+            self.unseen_attacks,
+        )
 
     def of_split(self, name):
         return self.select(self.split == SPLITS.index(name))
@@ -159,9 +99,16 @@ class SampleTable:
 def _make_table(root, paths, labels, attack_types, subjects, has_bbox, box=None):
     def as_bytes(strings):
         return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
-    return SampleTable(root=Path(root), path=as_bytes(paths), label=np.asarray(labels, dtype=np.int8),
-                       attack_type=as_bytes(attack_types), subject=as_bytes(subjects),
-                       has_bbox=np.asarray(has_bbox, dtype=bool), box=box)
+
+    return SampleTable(
+        root=Path(root),
+        path=as_bytes(paths),
+        label=np.asarray(labels, dtype=np.int8),
+        attack_type=as_bytes(attack_types),
+        subject=as_bytes(subjects),
+        has_bbox=np.asarray(has_bbox, dtype=bool),
+        box=box,
+    )
 
 
 def read_boxes(root, paths, has_bbox=None, workers=16):
@@ -172,8 +119,10 @@ def read_boxes(root, paths, has_bbox=None, workers=16):
     txt_paths = [Path(root, os.path.splitext(paths[i])[0] + ".txt") for i in wanted]
     with ThreadPoolExecutor(workers) as pool:
         points = pool.map(read_bbox, txt_paths, chunksize=256)
-        for i, p in zip(wanted, progress_bar(points, total=len(wanted), desc="bbox files", leave=False,
-                                             disable=len(wanted) < 10_000)):
+        for i, p in zip(
+            wanted,
+            progress_bar(points, total=len(wanted), desc="bbox files", leave=False, disable=len(wanted) < 10_000),
+        ):
             if p is not None:
                 boxes[i] = p[:2].reshape(-1)
     return boxes
@@ -190,9 +139,11 @@ def resolve_data_root(data_root):
         return root.parent
     if (root / "spoof").is_dir() and any((root / name).is_dir() for name in ("live", "living")):
         return root  # a folder per class
-    raise UserError(f"--data_root {root} is not a WFAS folder: expected Train/living/<subject>/*.jpg and "
-                    "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself), live/ and spoof/ "
-                    "folders, or a labelled list file")
+    raise UserError(
+        f"--data_root {root} is not a WFAS folder: expected Train/living/<subject>/*.jpg and "
+        "Train/spoof/<attack type>/<subject>/*.jpg under it (or pass Train/ itself), live/ and spoof/ "
+        "folders, or a labelled list file"
+    )
 
 
 def _walk_images(folder, root):
@@ -202,7 +153,8 @@ def _walk_images(folder, root):
         current = stack.pop()
         with os.scandir(current) as entries:
             entries = sorted(entries, key=lambda e: e.name)
-        names, relative_dir = {e.name for e in entries}, os.path.relpath(current, root)
+        names = {e.name for e in entries}
+        relative_dir = os.path.relpath(current, root)
         for entry in entries:
             if entry.is_dir():
                 stack.append(entry.path)
@@ -224,11 +176,16 @@ def index_wfas(data_root):
     living = root / "Train" / "living" if wfas else root / ("living" if (root / "living").is_dir() else "live")
     attack_dirs = sorted((root / "Train" / "spoof").glob("*/")) if wfas else [root / "spoof"]  # "*/": folders only
     folders = ([(living, LIVE, LIVE_TYPE)] if living.is_dir() else []) + [(d, SPOOF, d.name) for d in attack_dirs]
-    rows = [(path, label, attack_type, subject, bbox) for folder, label, attack_type in folders
-            for path, subject, bbox in _walk_images(folder, root)]
+    rows = [
+        (path, label, attack_type, subject, bbox)
+        for folder, label, attack_type in folders
+        for path, subject, bbox in _walk_images(folder, root)
+    ]
     if not rows:
-        raise UserError(f"no images found under {living.parent}; expected Train/living/<subject>/*.jpg and "
-                        "Train/spoof/<attack type>/<subject>/*.jpg, or live/*.jpg and spoof/*.jpg")
+        raise UserError(
+            f"no images found under {living.parent}; expected Train/living/<subject>/*.jpg and "
+            "Train/spoof/<attack type>/<subject>/*.jpg, or live/*.jpg and spoof/*.jpg"
+        )
     paths, labels, attack_types, subjects, has_bbox = zip(*rows)
     return _make_table(root, paths, labels, attack_types, subjects, has_bbox, read_boxes(root, paths, has_bbox))
 
@@ -244,11 +201,16 @@ def index_labelled_list(list_file):
         if not fields or fields[0].startswith("#"):
             continue
         if not 2 <= len(fields) <= 4 or fields[1] not in ("0", "1"):
-            raise UserError(f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type [subject]]` "
-                            f"with label 1 (live) or 0 (spoof), got {line.strip()!r}")
+            raise UserError(
+                f"{list_file}:{line_number}: expected `relative/path.jpg label [attack_type [subject]]` "
+                f"with label 1 (live) or 0 (spoof), got {line.strip()!r}"
+            )
         label = int(fields[1])
-        rows.append((fields[0], label, LIVE_TYPE if label == LIVE else (fields[2] if len(fields) > 2 else "spoof"),
-                     fields[3] if len(fields) > 3 else os.path.dirname(fields[0])))
+        attack_type = LIVE_TYPE
+        if label == SPOOF:
+            attack_type = fields[2] if len(fields) > 2 else "spoof"
+        subject = fields[3] if len(fields) > 3 else os.path.dirname(fields[0])
+        rows.append((fields[0], label, attack_type, subject))
     if not rows:
         raise UserError(f"{list_file} lists no images; expected one `relative/path.jpg label` per line")
     paths, labels, attack_types, subjects = zip(*rows)
@@ -266,11 +228,19 @@ def index_dataset(data_root):
 def unlabelled_table(root, paths):
     """A table of images without labels (label -1), such as the challenge's Dev/Test lists."""
     boxes = read_boxes(root, paths)
-    return _make_table(root, paths, [-1] * len(paths), [""] * len(paths), [os.path.dirname(p) for p in paths],
-                       ~np.isnan(boxes[:, 0]), boxes)
+    return _make_table(
+        root,
+        paths,
+        [-1] * len(paths),
+        [""] * len(paths),
+        [os.path.dirname(p) for p in paths],
+        ~np.isnan(boxes[:, 0]),
+        boxes,
+    )
 
 
 # -- Splits ------------------------------------------------------------------------------------------------------------
+
 
 def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0, unseen_attacks=()):
     """Split by subject, stratified by attack type, deterministic for a seed. Within a type the subjects are
@@ -279,33 +249,51 @@ def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0, unseen_att
     The types of unseen_attacks never train: their subjects go to val and test in the val:test proportion, as
     WFAS's dev and test hold attack types its train set lacks."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise UserError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
-                        "and leave images for training (sum < 1)")
-    attacks, unseen = set(table.attack_types()) - {LIVE_TYPE}, set(unseen_attacks)
+        raise UserError(
+            f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 "
+            "and leave images for training (sum < 1)"
+        )
+    attacks = set(table.attack_types()) - {LIVE_TYPE}
+    unseen = set(unseen_attacks)
     if unseen - attacks:
-        raise UserError(f"--unseen_attacks {','.join(sorted(unseen - attacks))}: not an attack type of this data "
-                        f"(its types: {', '.join(sorted(attacks))})")
+        raise UserError(
+            f"--unseen_attacks {','.join(sorted(unseen - attacks))}: not an attack type of this data "
+            f"(its types: {', '.join(sorted(attacks))})"
+        )
     if unseen and (unseen == attacks or val_fraction + test_fraction == 0):
-        raise UserError("--unseen_attacks holds out every attack type, or --val_fraction and --test_fraction are 0: "
-                        "train needs an attack type and the held-out ones need val and test; hold out fewer")
+        raise UserError(
+            "--unseen_attacks holds out every attack type, or --val_fraction and --test_fraction are 0: "
+            "train needs an attack type and the held-out ones need val and test; hold out fewer"
+        )
     rng = np.random.default_rng(seed)
     split = np.zeros(len(table), dtype=np.int8)
     for attack_type in np.unique(table.attack_type):
         in_type = np.flatnonzero(table.attack_type == attack_type)
-        subjects, subject_of_row, counts = np.unique(table.subject[in_type], return_inverse=True,
-                                                     return_counts=True)
+        subjects, subject_of_row, counts = np.unique(table.subject[in_type], return_inverse=True, return_counts=True)
         subject_split = np.zeros(len(subjects), dtype=np.int8)
         held_out = attack_type.decode() in unseen
-        shares = [0, val_fraction, test_fraction] / np.float64(val_fraction + test_fraction) if held_out else \
-            [np.inf, val_fraction, test_fraction]
-        targets, taken = np.array(shares) * counts.sum(), np.zeros(3)
+        shares = (
+            [0, val_fraction, test_fraction] / np.float64(val_fraction + test_fraction)
+            if held_out
+            else [np.inf, val_fraction, test_fraction]
+        )
+        targets = np.array(shares) * counts.sum()
+        taken = np.zeros(3)
         order = rng.permutation(len(subjects))
-        for subject in order if held_out else order[:-1] if len(subjects) >= 3 else []:
-            chosen = 1 if taken[1] < targets[1] else 2 if taken[2] < targets[2] or held_out else 0
+        if not held_out:  # the last subject trains, and a type of one or two subjects only trains
+            order = order[:-1] if len(subjects) >= 3 else []
+        for subject in order:
+            if taken[1] < targets[1]:
+                chosen = SPLITS.index("val")
+            elif taken[2] < targets[2] or held_out:
+                chosen = SPLITS.index("test")
+            else:
+                chosen = SPLITS.index("train")
             subject_split[subject] = chosen
             taken[chosen] += counts[subject]
         split[in_type] = subject_split[subject_of_row]
-    table.split, table.unseen_attacks = split, tuple(sorted(unseen))
+    table.split = split
+    table.unseen_attacks = tuple(sorted(unseen))
     return table
 
 
@@ -320,8 +308,14 @@ def write_split_csv(table, csv_path):
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(SPLIT_COLUMNS + BOX_COLUMNS)
-        for row in zip(table.paths(), table.label.tolist(), table.attack_types(),
-                       (s.decode() for s in table.subject), (SPLITS[s] for s in table.split), boxes):
+        for row in zip(
+            table.paths(),
+            table.label.tolist(),
+            table.attack_types(),
+            (s.decode() for s in table.subject),
+            (SPLITS[s] for s in table.split),
+            boxes,
+        ):
             writer.writerow(row[:-1] + tuple(row[-1]))
     os.replace(tmp, csv_path)
 
@@ -331,18 +325,21 @@ def read_split_csv(csv_path, root):
         reader = csv.reader(f)
         header = next(reader, None)
         if header not in (SPLIT_COLUMNS, SPLIT_COLUMNS + BOX_COLUMNS):
-            raise UserError(f"{csv_path} is not a split file: expected the columns "
-                            f"{','.join(SPLIT_COLUMNS + BOX_COLUMNS)}")
+            raise UserError(
+                f"{csv_path} is not a split file: expected the columns {','.join(SPLIT_COLUMNS + BOX_COLUMNS)}"
+            )
         columns = list(zip(*reader)) or [()] * len(header)
     paths, labels, attack_types, subjects, splits = columns[:5]
     try:
         if len(header) > len(SPLIT_COLUMNS):
-            boxes = np.array([[float(v) if v else np.nan for v in box] for box in zip(*columns[5:])],
-                             dtype=np.float32).reshape(-1, 4)
+            boxes = np.array(
+                [[float(v) if v else np.nan for v in box] for box in zip(*columns[5:])], dtype=np.float32
+            ).reshape(-1, 4)
         else:  # written before the boxes were kept in it: read the bbox files once more
             boxes = read_boxes(root, paths)
-        table = _make_table(root, paths, np.array(labels).astype(np.int8), attack_types, subjects,
-                            ~np.isnan(boxes[:, 0]), boxes)
+        table = _make_table(
+            root, paths, np.array(labels).astype(np.int8), attack_types, subjects, ~np.isnan(boxes[:, 0]), boxes
+        )
         table.split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
     except (ValueError, KeyError) as error:
         raise UserError(f"{csv_path} is damaged ({error!r}); delete it to recompute the split") from None
@@ -354,16 +351,21 @@ def check_held_out_splits(table, source):
     the split is made, before hours of training find it out."""
     for name in ("val", "test"):
         labels = table.label[table.split == SPLITS.index(name)]
-        num_live, num_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
+        num_live = int((labels == LIVE).sum())
+        num_spoof = int((labels == SPOOF).sum())
         if num_live and num_spoof:
             continue
-        subjects = {label: len(np.unique(np.char.add(table.attack_type, table.subject)[table.label == label]))
-                    for label in (LIVE, SPOOF)}
-        raise UserError(f"the {name} split of {source} holds {num_live} live and {num_spoof} spoof images, but "
-                        f"needs both; the split is by subject (an image's folder): {subjects[LIVE]} live and "
-                        f"{subjects[SPOOF]} spoof subjects. Put each person's images in a folder of their own, or give "
-                        "the list a subject column (`path label attack_type subject`), or raise --val_fraction / "
-                        "--test_fraction, or, with no subjects to keep apart, pass --split_by image")
+        subjects = {
+            label: len(np.unique(np.char.add(table.attack_type, table.subject)[table.label == label]))
+            for label in (LIVE, SPOOF)
+        }
+        raise UserError(
+            f"the {name} split of {source} holds {num_live} live and {num_spoof} spoof images, but "
+            f"needs both; the split is by subject (an image's folder): {subjects[LIVE]} live and "
+            f"{subjects[SPOOF]} spoof subjects. Put each person's images in a folder of their own, or give "
+            "the list a subject column (`path label attack_type subject`), or raise --val_fraction / "
+            "--test_fraction, or, with no subjects to keep apart, pass --split_by image"
+        )
 
 
 def check_split_source(table, source, record_path, log=print):
@@ -375,21 +377,28 @@ def check_split_source(table, source, record_path, log=print):
         log(f"Recorded {data_root} as the data of {csv_path}")
     recorded = json.loads(record_path.read_text())
     if recorded["data_root"] != data_root:
-        raise UserError(f"{csv_path} was made from {recorded['data_root']}, not {data_root}: use another "
-                        f"--output_dir for other data, or, if the same data moved, set data_root in {record_path}")
+        raise UserError(
+            f"{csv_path} was made from {recorded['data_root']}, not {data_root}: use another "
+            f"--output_dir for other data, or, if the same data moved, set data_root in {record_path}"
+        )
     if recorded["num_images"] != len(table):
-        raise UserError(f"{csv_path} lists {len(table)} images but was written with {recorded['num_images']}: it "
-                        f"is damaged; delete it and {record_path.name} to split the data again")
+        raise UserError(
+            f"{csv_path} lists {len(table)} images but was written with {recorded['num_images']}: it "
+            f"is damaged; delete it and {record_path.name} to split the data again"
+        )
     sample = table.paths()[:: math.ceil(len(table) / 64)]  # 64 stats at most: cheap on any file system
     missing = [p for p in sample if not (table.root / p).is_file()]
     if missing:
-        raise UserError(f"{len(missing)} of {len(sample)} sampled images of {csv_path} are missing under "
-                        f"{table.root} (e.g. {missing[0]}): the data moved or was deleted; fix --data_root, or "
-                        f"delete {csv_path.name} and {record_path.name} to split what is there now")
+        raise UserError(
+            f"{len(missing)} of {len(sample)} sampled images of {csv_path} are missing under "
+            f"{table.root} (e.g. {missing[0]}): the data moved or was deleted; fix --data_root, or "
+            f"delete {csv_path.name} and {record_path.name} to split what is there now"
+        )
 
 
-def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print,
-                         unseen_attacks=None, split_by=None):
+def load_or_create_split(
+    data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print, unseen_attacks=None, split_by=None
+):
     """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
     same split), else made and written with split_source.json, its data's record and its protocol: the held-out
     attack types and subject or image splitting (None: as the split was made; new: none, subject)."""
@@ -402,47 +411,65 @@ def load_or_create_split(data_root, output_dir, val_fraction=0.1, test_fraction=
         check_split_source(table, source, record_path, log)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
-        table, split_by = index_dataset(source), split_by or "subject"
+        table = index_dataset(source)
+        split_by = split_by or "subject"
         if split_by == "image":  # own data without subjects: each image is its own
             table.subject = table.path.copy()
         table = assign_splits(table, val_fraction, test_fraction, seed, unseen_attacks or ())
         check_held_out_splits(table, source)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
-        write_json(record_path, {"data_root": str(source.resolve()), "num_images": len(table), "split_by": split_by,
-                                 "unseen_attacks": list(table.unseen_attacks), **({"warning": "one person's images "
-                                 "may sit in both train and test"} if split_by == "image" else {})})
+        write_json(
+            record_path,
+            {
+                "data_root": str(source.resolve()),
+                "num_images": len(table),
+                "split_by": split_by,
+                "unseen_attacks": list(table.unseen_attacks),
+                **({"warning": "one person's images may sit in both train and test"} if split_by == "image" else {}),
+            },
+        )
         write_split_csv(table, csv_path)
         log(f"Wrote a split by {split_by} to {csv_path} ({len(table)} images)")
     recorded = {"split_by": "subject", "unseen_attacks": [], **json.loads(record_path.read_text())}
     for key, asked in (("unseen_attacks", unseen_attacks and sorted(unseen_attacks)), ("split_by", split_by)):
         if asked is not None and asked != recorded[key]:
-            raise UserError(f"{csv_path} was made with --{key} {recorded[key] or 'none'}, not {asked or 'none'}: pass "
-                            f"the same --{key}, or use another --output_dir for another protocol")
+            raise UserError(
+                f"{csv_path} was made with --{key} {recorded[key] or 'none'}, not {asked or 'none'}: pass "
+                f"the same --{key}, or use another --output_dir for another protocol"
+            )
     if recorded["split_by"] == "image":
-        log(f"warning: {csv_path} is split by image (--split_by image): one person's images may sit in both train "
-            "and test, which flatters the test metrics")
+        log(
+            f"warning: {csv_path} is split by image (--split_by image): one person's images may sit in both train "
+            "and test, which flatters the test metrics"
+        )
     table.unseen_attacks = tuple(recorded["unseen_attacks"])
     check_held_out_splits(table, source)
     train_labels = table.label[table.split == SPLITS.index("train")]
-    num_live, num_spoof = int((train_labels == LIVE).sum()), int((train_labels == SPOOF).sum())
+    num_live = int((train_labels == LIVE).sum())
+    num_spoof = int((train_labels == SPOOF).sum())
     if num_live == 0 or num_spoof == 0:
-        raise UserError(f"the train split of {source} holds {num_live} live and {num_spoof} spoof images; "
-                        "training needs both classes (Train/living and Train/spoof)")
+        raise UserError(
+            f"the train split of {source} holds {num_live} live and {num_spoof} spoof images; "
+            "training needs both classes (Train/living and Train/spoof)"
+        )
     return table
 
 
 def describe_split(table):
     """One line per split: images, live, spoof, subjects; and the attack types held out of train."""
-    lines = [f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
-             f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
-             for name, part in ((name, table.of_split(name)) for name in SPLITS)]
+    lines = [
+        f"{name:>5}: {len(part):>8} images ({int((part.label == LIVE).sum())} live, "
+        f"{int((part.label == SPOOF).sum())} spoof) from {len(np.unique(part.subject))} subjects"
+        for name, part in ((name, table.of_split(name)) for name in SPLITS)
+    ]
     if table.unseen_attacks:
         lines.append(f"unseen attack types (in val and test, never in train): {', '.join(table.unseen_attacks)}")
     return "\n".join(lines)
 
 
 # -- Face crops and transforms -----------------------------------------------------------------------------------------
+
 
 def read_bbox(txt_path):
     """RetinaFace points of a bbox file (7 lines of `x y`: box left-top, right-bottom, 5 landmarks) as a (7, 2)
@@ -490,7 +517,8 @@ def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min
         if image.format == "JPEG" and reduction >= 2:
             image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
         image = ImageOps.exif_transpose(image).convert("RGB")
-    sx, sy = image.width / width, image.height / height
+    sx = image.width / width
+    sy = image.height / height
     return image.crop((round(crop[0] * sx), round(crop[1] * sy), round(crop[2] * sx), round(crop[3] * sy)))
 
 
@@ -503,8 +531,9 @@ def eval_transform(img_size):
 @functools.lru_cache(maxsize=8)
 def _device_constants(mean, std, device):
     """mean, std and the luma weights on the device, made once: a copy from the host every step would sync."""
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                 for v in (mean, std, (0.299, 0.587, 0.114)))
+    return tuple(
+        torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std, (0.299, 0.587, 0.114))
+    )
 
 
 def to_model_input(images, mean, std, color_jitter=0.0):
@@ -529,8 +558,14 @@ class FaceDataset(torch.utils.data.Dataset):
     "storage", and check_batch stops the run in one line, where a worker's exception would be a traceback."""
 
     def __init__(self, table, img_size, transform=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
-        self.root, self.path, self.label, self.box, self.row = table.root, table.path, table.label, table.box, table.row
-        self.img_size, self.face_crop_scale, self.cache = img_size, face_crop_scale, cache
+        self.root = table.root
+        self.path = table.path
+        self.label = table.label
+        self.box = table.box
+        self.row = table.row
+        self.img_size = img_size
+        self.face_crop_scale = face_crop_scale
+        self.cache = cache
         self.transform = transform or eval_transform(img_size)
 
     def __len__(self):
@@ -539,22 +574,32 @@ class FaceDataset(torch.utils.data.Dataset):
     def load(self, index):
         if self.cache is not None:
             return self.cache.decode(self.row[index])
-        face = load_face(self.root / self.path[index].decode(), self.box[index], self.face_crop_scale,
-                         min_side=self.img_size)
+        face = load_face(
+            self.root / self.path[index].decode(), self.box[index], self.face_crop_scale, min_side=self.img_size
+        )
         return T.functional.pil_to_tensor(face)
 
     def __getitem__(self, index):
-        error, error_kind = "", ""
+        error = ""
+        error_kind = ""
         try:
             image = self.transform(self.load(index))
         except StorageError as exc:
-            error, error_kind = str(exc), "storage"
+            error = str(exc)
+            error_kind = "storage"
         except DECODE_ERRORS as exc:
-            error, error_kind = f"{self.path[index].decode()}: {type(exc).__name__}: {exc}", "decode"
+            error = f"{self.path[index].decode()}: {type(exc).__name__}: {exc}"
+            error_kind = "decode"
         if error:
             image = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-        return {"image": image, "label": int(self.label[index]), "index": index, "ok": not error, "error": error,
-                "error_kind": error_kind}
+        return {
+            "image": image,
+            "label": int(self.label[index]),
+            "index": index,
+            "ok": not error,
+            "error": error,
+            "error_kind": error_kind,
+        }
 
 
 def check_batch(batch, log_warning):
@@ -572,16 +617,22 @@ def check_undecodable_share(undecodable, seen):
     """Stop when over MAX_UNDECODABLE_SHARE of the images read so far (and 10 or more) do not decode: then the
     data is broken, not a few files, and training on what remains would hide it."""
     if undecodable >= 10 and undecodable > MAX_UNDECODABLE_SHARE * seen:
-        raise UserError(f"{undecodable} of the {seen} images read so far cannot be decoded (over "
-                        f"{MAX_UNDECODABLE_SHARE:.0%}): the data is damaged; `python wfas_data.py check --data_root "
-                        "DIR --verify_images` lists them")
+        raise UserError(
+            f"{undecodable} of the {seen} images read so far cannot be decoded (over "
+            f"{MAX_UNDECODABLE_SHARE:.0%}): the data is damaged; `python tools/data.py check --data_root "
+            "DIR --verify_images` lists them"
+        )
 
 
 def build_datasets(table, img_size, train_transform, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
     """{'train', 'val', 'test'} datasets of a split table, train augmented by train_transform; cache: a
     FaceCache of this table, or None for the photos."""
-    return {name: FaceDataset(table.of_split(name), img_size, train_transform if name == "train" else None,
-                              face_crop_scale, cache) for name in SPLITS}
+    return {
+        name: FaceDataset(
+            table.of_split(name), img_size, train_transform if name == "train" else None, face_crop_scale, cache
+        )
+        for name in SPLITS
+    }
 
 
 def default_loader_settings(num_workers=None):
@@ -598,10 +649,12 @@ class Loaders:
     """The training scripts' DataLoaders: default_loader_settings, workers that persist across epochs (as timm's) and
     ignore SIGTERM and SIGUSR1 (a job's signal reaches them too; dead, they would break the step before the save).
     shut_down() ends them; at exit those left are killed (multiprocessing's SIGTERM, ignored, would hang it)."""
+
     exit_hook = False
 
     def __init__(self, batch_size, num_workers=None):
-        self.batch_size, self.settings = batch_size, default_loader_settings(num_workers)
+        self.batch_size = batch_size
+        self.settings = default_loader_settings(num_workers)
 
     def make(self, dataset, shuffle=False, batch_sampler=None, persistent=False):
         """Shuffled batches drop the last incomplete one; a batch_sampler gives the batches itself. persistent: for
@@ -609,20 +662,29 @@ class Loaders:
         if not Loaders.exit_hook:  # registered after multiprocessing's exit hook, so it runs before it
             atexit.register(Loaders.end_workers)
             Loaders.exit_hook = True
-        batching = dict(batch_sampler=batch_sampler) if batch_sampler else dict(
-            batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
-        loader = torch.utils.data.DataLoader(dataset, worker_init_fn=Loaders.ignore_stop_signals,
-                                             persistent_workers=persistent and self.settings["num_workers"] > 0,
-                                             **batching, **self.settings)
+        batching = (
+            dict(batch_sampler=batch_sampler)
+            if batch_sampler
+            else dict(batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            worker_init_fn=Loaders.ignore_stop_signals,
+            persistent_workers=persistent and self.settings["num_workers"] > 0,
+            **batching,
+            **self.settings,
+        )
         if len(loader) == 0:
             raise UserError(f"{len(dataset)} images are fewer than one batch of {self.batch_size}; lower --batch_size")
         return loader
 
     def describe(self, cache):
-        return (f"Loader: {self.settings['num_workers']} workers per process"
-                + (f", {self.settings['prefetch_factor']} batches prefetched each" if self.settings["num_workers"]
-                   else "") + (", pinned memory" if self.settings["pin_memory"] else "")
-                + (f"; face crops from the cache {cache.folder}" if cache else "; face crops from the original photos"))
+        return (
+            f"Loader: {self.settings['num_workers']} workers per process"
+            + (f", {self.settings['prefetch_factor']} batches prefetched each" if self.settings["num_workers"] else "")
+            + (", pinned memory" if self.settings["pin_memory"] else "")
+            + (f"; face crops from the cache {cache.folder}" if cache else "; face crops from the original photos")
+        )
 
     @staticmethod
     def ignore_stop_signals(worker_id):
@@ -647,354 +709,26 @@ class Loaders:
                 child.kill()
 
 
-# -- Face-crop cache ---------------------------------------------------------------------------------------------------
-
-FACE_CACHE_VERSION = 1
-FACE_CACHE_SHARD_SIZE = 4096  # images per shard file: the unit of a build's work and of its resume
-# JPEG quality 90: 15-20 KB per 256 px face (WFAS train's 488k in ~10 GB of page cache), a loss below resampling's.
-FACE_CACHE_QUALITY = 90
+# -- The challenge's unlabelled lists ----------------------------------------------------------------------------------
 
 
-def face_cache_size(img_size):  # the side of a cached crop (256 for 224): room for the random crop
-    return math.ceil(img_size / 0.875)
+def find_prediction_lists(root):
+    """The unlabelled challenge lists shipped next to Train/: Dev/Dev.txt, Test/Test.txt."""
+    return [root / name / f"{name}.txt" for name in ("Dev", "Test") if (root / name / f"{name}.txt").is_file()]
 
 
-def face_cache_params(table, img_size, face_crop_scale):
-    """What a cache is built from: a cache is only ever read by runs with exactly these."""
-    digest = hashlib.sha1(b"\0".join(table.path.tolist()))
-    digest.update(np.ascontiguousarray(table.box).tobytes())
-    return {"version": FACE_CACHE_VERSION, "data_root": str(Path(table.root).resolve()), "num_images": len(table),
-            "paths_and_boxes_sha1": digest.hexdigest(), "face_crop_scale": float(face_crop_scale),
-            "stored_size": face_cache_size(img_size), "encoding": f"jpeg quality {FACE_CACHE_QUALITY}"}
-
-
-class FaceCache:
-    """A table's face crops at face_cache_size(img_size), JPEG-encoded in a few large shard files that any number of
-    processes on any number of nodes read at random through memory maps; a folder per parameter digest. Its
-    manifest.json is written last: a folder without one (a build in progress or killed: resumed next) is never read."""
-
-    def __init__(self, folder, params):
-        self.folder = Path(folder)
-        try:
-            manifest = json.loads((self.folder / "manifest.json").read_text())
-        except (OSError, ValueError) as error:
-            raise UserError(f"the face cache {self.folder} is damaged ({error}); delete the folder to rebuild "
-                            "it") from None
-        if manifest.get("params") != params:
-            raise UserError(f"the face cache {self.folder} was built from other data or settings than this run's; "
-                            "delete the folder to rebuild it, or pass another --face_cache_dir")
-        self.shard_files, offsets = [], []
-        for shard in manifest["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["offsets"][-1]:
-                raise UserError(f"the face cache {self.folder} is damaged ({shard['file']} is missing or has the "
-                                "wrong size); delete the folder to rebuild it")
-            self.shard_files.append(path)
-            offsets.append(np.asarray(shard["offsets"], dtype=np.int64))
-        self.shard_of = np.concatenate([np.full(len(o) - 1, k, dtype=np.int32) for k, o in enumerate(offsets)])
-        self.start = np.concatenate([o[:-1] for o in offsets])
-        self.length = np.concatenate([np.diff(o) for o in offsets])
-        self.undecodable = {int(row): reason for row, reason in manifest["undecodable"].items()}
-        self.num_bytes = int(sum(o[-1] for o in offsets))
-        self.built_now, self._maps = False, {}  # built_now: set by build_face_cache; maps: opened in each worker
-
-    def __len__(self):
-        return len(self.start)
-
-    def decode(self, row):
-        """The stored crop of a table row as a uint8 tensor [3, S, S]."""
-        if self.length[row] == 0:
-            raise ValueError(f"it could not be decoded when the face cache was built ({self.undecodable[row]})")
-        shard = int(self.shard_of[row])
-        if shard not in self._maps:
-            self._maps[shard] = np.memmap(self.shard_files[shard], dtype=np.uint8, mode="r")
-        data = self._maps[shard][self.start[row]:self.start[row] + self.length[row]]
-        # Pillow rather than torchvision.io, whose decoders are deprecated since torchvision 0.29
-        with Image.open(io.BytesIO(data)) as image:
-            return T.functional.pil_to_tensor(image.convert("RGB"))
-
-
-class _CropEncoder(torch.utils.data.Dataset):
-    """(row, JPEG bytes of the stored crop or None, error kind, error) for the rows of one build."""
-
-    def __init__(self, table, rows, size, face_crop_scale):
-        self.table, self.rows, self.size, self.face_crop_scale = table, rows, size, face_crop_scale
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        row = int(self.rows[i])
-        try:
-            face = load_face(self.table.root / self.table.path[row].decode(), self.table.box[row],
-                             self.face_crop_scale, min_side=self.size)
-        except StorageError as error:
-            return row, None, "storage", str(error)
-        except DECODE_ERRORS as error:
-            return row, None, "decode", f"{type(error).__name__}: {error}"
-        buffer = io.BytesIO()
-        face.resize((self.size, self.size), Image.BICUBIC).save(buffer, "JPEG", quality=FACE_CACHE_QUALITY)
-        return row, buffer.getvalue(), "", ""
-
-
-def _write_shard(folder, shard, encoded, errors, process_index):
-    """One shard file and its record, each written aside and renamed: the record is what marks it done."""
-    name = f"shard_{shard:05d}.bin"
-    tmp = aside(folder / name)
-    try:
-        with open(tmp, "wb") as f:
-            for data in encoded:
-                f.write(data)
-        os.replace(tmp, folder / name)
-        offsets = np.concatenate([[0], np.cumsum([len(d) for d in encoded])]).tolist()
-        write_json(folder / f"shard_{shard:05d}.json", {"file": name, "offsets": offsets, "undecodable": errors,
-                                                        "built_by_process": process_index})
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write the face cache in {folder} ({error.strerror or error}): free space there, "
-                        "or pass --face_cache_dir DIR on a larger disk, or --no-face_cache") from None
-
-
-def build_face_cache(table, cache_dir, img_size, face_crop_scale=DEFAULT_FACE_CROP_SCALE, workers=8,
-                     process_index=0, num_processes=1, wait_for_everyone=lambda: None, log=print):
-    """The FaceCache of a table under cache_dir: reused, built, or a killed build resumed. Every process calls it
-    and builds the shards k with k % num_processes == process_index (64 processes build it 64 times faster);
-    then the main process writes the manifest. Undecodable images are recorded once, here."""
-    params = face_cache_params(table, img_size, face_crop_scale)
-    folder = Path(cache_dir) / hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    if not (folder / "manifest.json").is_file():
-        num_shards = math.ceil(len(table) / FACE_CACHE_SHARD_SIZE)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create the face cache folder {folder} ({error.strerror or error})") from None
-        done = {k for k in range(num_shards) if (folder / f"shard_{k:05d}.json").is_file()}
-        mine = [k for k in range(num_shards) if k % num_processes == process_index and k not in done]
-        if process_index == 0:
-            write_json(folder / "params.json", params)
-            log(f"Building the face cache {folder}: {len(table)} images in {num_shards} shards"
-                + (f", {len(done)} done by an earlier build" if done else "")
-                + (f", shared by {num_processes} processes" if num_processes > 1 else ""))
-        _build_shards(table, folder, mine, params, workers, process_index, log)
-        wait_for_everyone()
-        if process_index == 0:
-            _write_manifest(folder, num_shards, params, log)
-        wait_for_everyone()
-        cache = FaceCache(folder, params)
-        cache.built_now = True
-        return cache
-    return FaceCache(folder, params)
-
-
-def _build_shards(table, folder, shards, params, workers, process_index, log):
-    rows = np.concatenate([np.arange(k * FACE_CACHE_SHARD_SIZE, min((k + 1) * FACE_CACHE_SHARD_SIZE, len(table)))
-                           for k in shards]) if shards else np.array([], dtype=np.int64)
-    encoder = _CropEncoder(table, rows, params["stored_size"], params["face_crop_scale"])
-    loader = torch.utils.data.DataLoader(encoder, batch_size=None, num_workers=workers,
-                                         prefetch_factor=16 if workers else None)
-    sizes = [min(FACE_CACHE_SHARD_SIZE, len(table) - k * FACE_CACHE_SHARD_SIZE) for k in shards]
-    start, encoded, errors, shard_index = time.time(), [], {}, 0
-    progress = progress_bar(loader, total=len(rows), desc="face cache", unit="img", mininterval=2,
-                            disable=len(rows) == 0 or process_index != 0)
-    for row, data, kind, error in progress:
-        if kind == "storage":
-            raise UserError(error)
-        if kind == "decode":
-            errors[str(row)] = error
-        encoded.append(data or b"")
-        if len(encoded) == sizes[shard_index]:
-            _write_shard(folder, shards[shard_index], encoded, errors, process_index)
-            shard_index, encoded, errors = shard_index + 1, [], {}
-    if len(rows) and process_index == 0:
-        log(f"Face cache: built {len(rows)} images in {time.time() - start:.0f} s "
-            f"({len(rows) / (time.time() - start):.0f} img/s on this process, {workers} workers)")
-
-
-def _write_manifest(folder, num_shards, params, log):
-    shards, undecodable = [], {}
-    for k in range(num_shards):
-        record_path = folder / f"shard_{k:05d}.json"
-        if not record_path.is_file():
-            raise UserError(f"the face cache build in {folder} is missing shard {k}: a process failed; rerun to "
-                            "resume the build")
-        record = json.loads(record_path.read_text())
-        shards.append({"file": record["file"], "offsets": record["offsets"]})
-        undecodable.update(record["undecodable"])
-    num_bytes = sum(s["offsets"][-1] for s in shards)
-    num_images = sum(len(s["offsets"]) - 1 for s in shards)
-    write_json(folder / "manifest.json", {"params": params, "shards": shards, "undecodable": undecodable,
-                                          "num_bytes": num_bytes})
-    log(f"Face cache {folder}: {num_images} images, {num_bytes / 2**20:.1f} MiB "
-        f"({num_bytes / max(num_images, 1) / 1024:.1f} KiB per image), {len(undecodable)} undecodable")
-
-
-# -- Evaluation protocol -----------------------------------------------------------------------------------------------
-
-def check_scores(scores):
-    """Scores as float64, refusing NaN: sorted, a NaN would pass for the highest score in AUC and EER."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if num_nan := int(np.isnan(scores).sum()):
-        raise UserError(f"{num_nan} of {len(scores)} scores are NaN: the model's outputs are not finite (training "
-                        "diverged); lower --learning_rate, or use bf16 rather than fp16 mixed precision")
-    return scores
-
-
-def candidate_thresholds(scores, labels):
-    """Every distinct decision: thresholds halfway between adjacent distinct scores (and past both ends), never on a
-    score (no decision hangs on a file's rounding), ascending, with the spoof accepted and live rejected at each."""
-    scores, labels = check_scores(scores), np.asarray(labels)
-    live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
-    distinct = np.unique(scores)
-    candidates = np.concatenate([[min(distinct[0], 0.0) - 1e-6], (distinct[:-1] + distinct[1:]) / 2,
-                                 [max(distinct[-1], 1.0) + 1e-6]])
-    spoof_accepted = len(spoof) - np.searchsorted(spoof, candidates, side="left")
-    live_rejected = np.searchsorted(live, candidates, side="left")
-    return candidates, spoof_accepted, live_rejected
-
-
-def eer_threshold(scores, labels):
-    """The threshold where |APCER - BPCER| is smallest (ties: the smaller ACER). Fit it on val only."""
-    labels = np.asarray(labels)
-    if not (num_live := int((labels == LIVE).sum())) or not (num_spoof := int((labels == SPOOF).sum())):
-        return 0.5
-    candidates, spoof_accepted, live_rejected = candidate_thresholds(scores, labels)
-    apcer, bpcer = spoof_accepted / num_spoof, live_rejected / num_live
-    best = np.lexsort((apcer + bpcer, np.abs(apcer - bpcer)))[0]
-    return float(candidates[best])
-
-
-def compute_error_rates(scores, labels, threshold):
-    """APCER (spoof with score >= threshold, i.e. taken for live) and BPCER (live with score < threshold)."""
-    predicted_live, labels = check_scores(scores) >= threshold, np.asarray(labels)
-    spoof, live = labels == SPOOF, labels == LIVE
-    return {"apcer": float(predicted_live[spoof].mean()) if spoof.any() else float("nan"),
-            "bpcer": float((~predicted_live[live]).mean()) if live.any() else float("nan")}
-
-
-def roc_auc(scores, labels):
-    """Probability that a live image scores above a spoof image (ties count half)."""
-    scores, labels = check_scores(scores), np.asarray(labels)
-    n_live, n_spoof = int((labels == LIVE).sum()), int((labels == SPOOF).sum())
-    if n_live == 0 or n_spoof == 0:
-        return float("nan")
-    order, ranks = np.argsort(scores, kind="mergesort"), np.empty(len(scores))
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # tied scores share their mean rank
-    return float((ranks[labels == LIVE].sum() - n_live * (n_live + 1) / 2) / (n_live * n_spoof))
-
-
-def compute_metrics(scores, labels, attack_types, threshold=None, unseen_attacks=()):
-    """WFAS metrics of P(live) scores, live when score >= threshold (default: their EER point; fit it on val only):
-    threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer, and with unseen_attacks
-    {seen,unseen}_{apcer,acer}: the attacks of the types train held or lacked, each against all live images."""
-    scores, labels, attack_types = check_scores(scores), np.asarray(labels), np.asarray(attack_types).astype(str)
-    eer_point = eer_threshold(scores, labels)
-    threshold = eer_point if threshold is None else threshold
-    predicted_live = scores >= threshold
-    rates, eer_rates = compute_error_rates(scores, labels, threshold), compute_error_rates(scores, labels, eer_point)
-    apcer, bpcer = rates["apcer"], rates["bpcer"]
-    per_attack = {a: float(predicted_live[attack_types == a].mean())
-                  for a in sorted(set(attack_types[labels == SPOOF]))}
-    metrics = {
-        "threshold": float(threshold),
-        "acc": float((predicted_live == (labels == LIVE)).mean()) if len(labels) else float("nan"),
-        "apcer": apcer,
-        "bpcer": bpcer,
-        "acer": (apcer + bpcer) / 2,
-        "auc": roc_auc(scores, labels),
-        "eer": (eer_rates["apcer"] + eer_rates["bpcer"]) / 2,
-        "apcer_per_attack": per_attack,
-        "worst_apcer": max(per_attack.values()) if per_attack else float("nan"),
-        "num_images": int(len(labels)),
-    }
-    for name, unseen in (("seen", False), ("unseen", True)) if unseen_attacks else ():
-        attacks = (labels == SPOOF) & (np.isin(attack_types, unseen_attacks) == unseen)
-        metrics[f"{name}_apcer"] = float(predicted_live[attacks].mean()) if attacks.any() else float("nan")
-        metrics[f"{name}_acer"] = (metrics[f"{name}_apcer"] + bpcer) / 2
-    return metrics
-
-
-METRIC_LABELS = {"acc": "ACC", "apcer": "APCER", "bpcer": "BPCER", "acer": "ACER", "auc": "AUC", "eer": "EER",
-                 "worst_apcer": "worst-attack APCER", "seen_apcer": "seen APCER", "seen_acer": "seen ACER",
-                 "unseen_apcer": "unseen APCER", "unseen_acer": "unseen ACER"}
-
-
-def format_metrics(metrics, per_attack=False):  # per_attack: the APCER of each attack type too
-    text = "  ".join(f"{label} {metrics[key]:.4f}" for key, label in METRIC_LABELS.items() if key in metrics)
-    return text + ("  APCER per type: " + ", ".join(f"{t} {v:.4f}" for t, v in metrics["apcer_per_attack"].items())
-                   if per_attack else "")
-
-
-@torch.no_grad()
-def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predicting", log_warning=print):
-    """(probs [N, 2], dataset indices [N], decoded-ok mask [N]) of every image of loader, each once across the
-    processes, on every process. A model that returns a tuple (the stage 2 student) gives its logits first."""
-    model.eval()
-
-    def probabilities(images):
-        outputs = model(images)
-        return (outputs[0] if isinstance(outputs, tuple) else outputs).float().softmax(-1)
-
-    probs, indices, oks = [], [], []
-    for batch in progress_bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        check_batch(batch, log_warning)
-        images = to_model_input(batch["image"], mean, std)
-        batch_probs = probabilities(images)
-        if tta:
-            batch_probs = (batch_probs + probabilities(images.flip(-1))) / 2
-        # inside the loop: only here does gather_for_metrics drop the sampler's padding duplicates
-        batch_probs, batch_indices, batch_ok = accelerator.gather_for_metrics(
-            (batch_probs, batch["index"], batch["ok"].to(torch.uint8)))
-        probs.append(batch_probs.cpu())
-        indices.append(batch_indices.cpu())
-        oks.append(batch_ok.cpu())
-    return torch.cat(probs).numpy(), torch.cat(indices).numpy(), torch.cat(oks).numpy().astype(bool)
-
-
-def evaluate(model, loader, split_table, accelerator, mean, std, threshold=None, tta=False, desc="val",
-             log_warning=print):
-    """(loss and metrics of a split at threshold, or its EER point; (paths, labels, attack types, scores) of its
-    decodable images in dataset order)."""
-    probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
-    order = np.argsort(indices[ok], kind="stable")
-    probs, indices = probs[ok][order], indices[ok][order]
-    labels, attack_types = split_table.label[indices], np.array(split_table.attack_types())[indices]
-    metrics = compute_metrics(probs[:, 1], labels, attack_types, threshold, split_table.unseen_attacks)
-    metrics.update(loss=float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
-                   unreadable=int((~ok).sum()))
-    return metrics, (np.array(split_table.paths())[indices], labels, attack_types, probs[:, 1])
-
-
-def write_predictions(path, paths, labels, attack_types, scores):
-    """path,label,attack_type,score, the scores exact: the file reproduces the reported metrics."""
-    tmp = aside(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "attack_type", "score"])
-        writer.writerows(zip(paths, labels.tolist(), attack_types, map(format_score, scores)))
-    os.replace(tmp, path)
-
-
-def aside(path):
-    """A temporary name next to path, unique to this process: writers on several nodes never share a file."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def write_json(path, data):
-    """Write JSON aside and rename it into place, so a kill never leaves a half-written file."""
-    tmp = aside(Path(path))
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def format_score(score):
-    """The shortest text that reads back as exactly the same float: files reproduce the reported metrics."""
-    return repr(float(score))
-
-
-# -- Command line: `check`, `cache` and `detect` are tools/data.py's, which training never runs ------------------------
-
-if __name__ == "__main__":
-    import wfas_data  # the module tools/ import: the UserError they raise is its own, not __main__'s
-    from tools import data
-    wfas_data.run_cli(data.main)
+def read_prediction_list(list_file):
+    """Read an unlabelled challenge list (Dev.txt / Test.txt): the first token of each line names an image
+    in the list's folder or its data/ subfolder. Returns (image folder, names in list order)."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise UserError(f"list file {list_file} does not exist; expected e.g. WFAS/Dev/Dev.txt")
+    names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"list file {list_file} is empty")
+    # entries may also carry the set folder (dev/000001.jpg), relative to the list's parent
+    folders = (list_file.parent / "data", list_file.parent, list_file.parent.parent)
+    for folder in folders:
+        if (folder / names[0]).is_file():
+            return folder, names
+    raise UserError(f"cannot find {names[0]} (first entry of {list_file}) in {', '.join(str(f) for f in folders)}")

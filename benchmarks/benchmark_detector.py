@@ -1,4 +1,4 @@
-"""The offline face detector (tools/faces.py) on this machine: images per second at 640x480 and 1920x1080, the
+"""The offline face detector (face_detector.py) on this machine: images per second at 640x480 and 1920x1080, the
 smallest face it finds, and its box against the box a real portrait was pasted at (IoU).
 
     python benchmarks/benchmark_detector.py [--threads 1 2] [--repeats 20]
@@ -9,6 +9,7 @@ the median of --repeats calls after two warm-up ones, with onnxruntime limited t
 Smallest face: the portrait shrunk step by step into a 640x480 frame until the detector misses it; the face size
 is the side of the reference box at that scale.
 """
+
 import argparse
 import statistics
 import sys
@@ -20,14 +21,15 @@ from matplotlib import cbook
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools import faces  # noqa: E402
+import face_detector  # noqa: E402
 
 PORTRAIT = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
 
 
 def frame_with_portrait(size, at, scale):
     frame = Image.new("RGB", size, (96, 110, 128))
-    width, height = round(PORTRAIT.width * scale), round(PORTRAIT.height * scale)
+    width = round(PORTRAIT.width * scale)
+    height = round(PORTRAIT.height * scale)
     frame.paste(PORTRAIT.resize((width, height), Image.BICUBIC), at)
     return np.asarray(frame), np.array([scale, scale, scale, scale]), np.array([*at, *at])
 
@@ -44,16 +46,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime threads to time")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    detector = faces.FaceDetector()
+    detector = face_detector.FaceDetector()
     reference = detector.detect(np.asarray(PORTRAIT))[0][1][:2].reshape(4)
-    print(f"reference box on the portrait alone: {reference.tolist()} "
-          f"({reference[2] - reference[0]:.0f} x {reference[3] - reference[1]:.0f} px)\n")
+    print(
+        f"reference box on the portrait alone: {reference.tolist()} "
+        f"({reference[2] - reference[0]:.0f} x {reference[3] - reference[1]:.0f} px)\n"
+    )
 
     print("| frame | threads | img/s | ms per image |\n|---|---|---|---|")
     for size, at, scale in (((640, 480), (200, 100), 0.5), ((1920, 1080), (800, 200), 1.0)):
         image = frame_with_portrait(size, at, scale)[0]
         for threads in args.threads:
-            timed = faces.FaceDetector(threads=threads)
+            timed = face_detector.FaceDetector(threads=threads)
             for _ in range(2):
                 timed.detect(image)
             seconds = []
@@ -77,8 +81,12 @@ def main(argv=None):
             print(f"| {scale:g} | {side:.0f} | no | | |")
 
     print("\n| frame | placement | IoU |\n|---|---|---|")
-    for size, at, scale in (((640, 480), (40, 30), 0.6), ((640, 480), (400, 250), 0.3),
-                            ((1920, 1080), (1000, 100), 1.5), ((1920, 1080), (100, 700), 0.5)):
+    for size, at, scale in (
+        ((640, 480), (40, 30), 0.6),
+        ((640, 480), (400, 250), 0.3),
+        ((1920, 1080), (1000, 100), 1.5),
+        ((1920, 1080), (100, 700), 0.5),
+    ):
         image, scales, offset = frame_with_portrait(size, at, scale)
         found = detector.detect(image)
         value = f"{iou(found[0][1][:2].reshape(4), reference * scales + offset):.3f}" if found else "not found"

@@ -14,6 +14,7 @@ is printed apart, since on a GPU they take microseconds per batch.
     python benchmarks/benchmark_loader.py [--n 300] [--img_size 224]
     python benchmarks/benchmark_loader.py --write_tree DIR --images 20000 [--size 1280x720]   # an end-to-end tree
 """
+
 import argparse
 import sys
 import tempfile
@@ -29,9 +30,11 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_stage1  # noqa: E402  (its train_transform)
 import wfas_data  # noqa: E402
+import face_cache  # noqa: E402
 
 SIZES = (("640x480", 160), ("1280x720", 200), ("1920x1080", 300))  # photo, face box side
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
 
 
 def write_photo(path, width, height, face, seed):
@@ -42,7 +45,8 @@ def write_photo(path, width, height, face, seed):
     pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
     pixels += rng.normal(0, 6, pixels.shape)
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-    x, y = rng.integers(0, width - face), rng.integers(0, height - face)
+    x = rng.integers(0, width - face)
+    y = rng.integers(0, height - face)
     points = [(x, y), (x + face, y + face)] + [(x + face / 2, y + face / 2)] * 5
     path.with_suffix(".txt").write_text("".join(f"{px:.2f} {py:.2f}\n" for px, py in points))
 
@@ -64,25 +68,33 @@ def write_tree(root, images, width, height, face, workers=None):
 
 
 def plain_torchvision(img_size):
-    augment = transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1)), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    augment = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
     def load(path):
         image = Image.open(path).convert("RGB")
         points = [[float(v) for v in line.split()] for line in path.with_suffix(".txt").read_text().splitlines()]
         (x1, y1), (x2, y2) = points[:2]
         side = max(x2 - x1, y2 - y1) * 1.5
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        return augment(image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2),
-                                   round(cy + side / 2))))
+        cx = (x1 + x2) / 2
+        cy = (y1 + y2) / 2
+        return augment(
+            image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
+        )
+
     return load
 
 
 def rate(load_batch, paths, batch_size=32):
     start = time.perf_counter()
     for i in range(0, len(paths), batch_size):
-        load_batch(paths[i:i + batch_size])
+        load_batch(paths[i : i + batch_size])
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -102,10 +114,11 @@ def main():
         return
 
     torch.set_num_threads(1)
-    print(f"images/s per core (one process, one thread), {args.n} images each, train augmentation to "
-          f"{args.img_size}px")
-    print(f"{'photo':>10} {'face':>5} | {'plain':>7} {'no cache':>9} {'cache':>7} | {'cache/plain':>11} | "
-          f"{'build img/s':>11} {'KiB/image':>9}")
+    print(f"images/s per core (one process, one thread), {args.n} images each, train augmentation to {args.img_size}px")
+    print(
+        f"{'photo':>10} {'face':>5} | {'plain':>7} {'no cache':>9} {'cache':>7} | {'cache/plain':>11} | "
+        f"{'build img/s':>11} {'KiB/image':>9}"
+    )
     for size, face in SIZES:
         width, height = map(int, size.split("x"))
         with tempfile.TemporaryDirectory() as folder:
@@ -124,21 +137,26 @@ def main():
                 def load_batch(batch_paths):
                     first = paths.index(batch_paths[0])
                     return torch.stack([dataset[i]["image"] for i in range(first, first + len(batch_paths))])
+
                 return load_batch
 
             direct_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, augment)), paths)
             start = time.perf_counter()
-            cache = wfas_data.build_face_cache(table, folder / "cache", args.img_size, workers=0, log=lambda _: None)
+            cache = face_cache.build_face_cache(table, folder / "cache", args.img_size, workers=0, log=lambda _: None)
             build_rate = len(paths) / (time.perf_counter() - start)
             cache_rate = rate(project(wfas_data.FaceDataset(table, args.img_size, augment, cache=cache)), paths)
-            print(f"{size:>10} {face:>5} | {plain_rate:7.0f} {direct_rate:9.0f} {cache_rate:7.0f} | "
-                  f"{cache_rate / plain_rate:10.1f}x | {build_rate:11.0f} {cache.num_bytes / len(cache) / 1024:9.1f}")
+            print(
+                f"{size:>10} {face:>5} | {plain_rate:7.0f} {direct_rate:9.0f} {cache_rate:7.0f} | "
+                f"{cache_rate / plain_rate:10.1f}x | {build_rate:11.0f} {cache.num_bytes / len(cache) / 1024:9.1f}"
+            )
     batch = torch.randint(0, 256, (32, 3, args.img_size, args.img_size), dtype=torch.uint8)
     start = time.perf_counter()
     for _ in range(5):
         wfas_data.to_model_input(batch, MEAN, STD, color_jitter=0.1)
-    print(f"batched normalise + colour jitter (the device's part) on this CPU: "
-          f"{(time.perf_counter() - start) / 5 / 32 * 1000:.2f} ms per image")
+    print(
+        f"batched normalise + colour jitter (the device's part) on this CPU: "
+        f"{(time.perf_counter() - start) / 5 / 32 * 1000:.2f} ms per image"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ stage 1 run without EMA, so that only the student's EMA differs), and their test
 Without --data_root it generates the demo data (tools/make_demo.py, 150 subjects) into OUT/data. Prints Markdown
 tables with mean, min-max and every seed's value; all runs share one face cache.
 """
+
 import argparse
 import json
 import shutil
@@ -29,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
-import wfas_data  # noqa: E402
 from tools import make_demo  # noqa: E402
+import errors  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1_FILES = ("split.csv", "split_source.json", "stage1_config.json", "stage1_results.json")
@@ -41,8 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("what", choices=("soft_labels", "ema"))
     parser.add_argument("--data_root", help="a WFAS folder (default: the demo, generated into OUT/data)")
     parser.add_argument("--output_dir", default="benchmark_recipe")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44],
-                        help="stage 2's seeds (and stage 1's, for ema)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[42, 43, 44], help="stage 2's seeds (and stage 1's, for ema)"
+    )
     parser.add_argument("--folds", type=int, default=5, help="K of the out-of-fold soft labels")
     parser.add_argument("--ema_decay", type=float, default=0.99, help="--model_ema_decay of the EMA runs")
     parser.add_argument("--stage1_config", default=str(REPO / "configs" / "demo_stage1.json"))
@@ -64,8 +66,11 @@ def test_acer(exp):
 
 
 def spread(values):
-    return (f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}; "
-            + ", ".join(f"{v:.4f}" for v in values) + ")")
+    return (
+        f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}; "
+        + ", ".join(f"{v:.4f}" for v in values)
+        + ")"
+    )
 
 
 def main(argv=None):
@@ -91,35 +96,56 @@ def main(argv=None):
             for file in STAGE1_FILES:  # stage 1's split and records; the soft labels are read where they lie
                 shutil.copy(stage1_exp / file, exp / file)
             start = time.time()
-            results = train_stage2.main(["--config", args.stage2_config, "--output_dir", str(exp), *common,
-                                         "--soft_labels_path", str(stage1_exp / "stage1_soft_labels.pth"),
-                                         "--seed", str(seed), *flags])
-            print(f"stage 2 {name} seed {seed}: test ACER {results['test_acer']:.4f} ({time.time() - start:.0f} s)",
-                  flush=True)
+            results = train_stage2.main(
+                [
+                    "--config",
+                    args.stage2_config,
+                    "--output_dir",
+                    str(exp),
+                    *common,
+                    "--soft_labels_path",
+                    str(stage1_exp / "stage1_soft_labels.pth"),
+                    "--seed",
+                    str(seed),
+                    *flags,
+                ]
+            )
+            print(
+                f"stage 2 {name} seed {seed}: test ACER {results['test_acer']:.4f} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
         return test_acer(exp)
 
     rows = []
     if args.what == "soft_labels":
-        in_fold, out_of_fold = stage1("stage1_in_fold"), stage1(f"stage1_folds{args.folds}",
-                                                                "--soft_label_folds", str(args.folds))
+        in_fold = stage1("stage1_in_fold")
+        out_of_fold = stage1(f"stage1_folds{args.folds}", "--soft_label_folds", str(args.folds))
         print("\n| soft labels | within 0.01 of one-hot |\n|---|---|")
         for name, exp in (("in-fold (one teacher)", in_fold), (f"out-of-fold (K = {args.folds})", out_of_fold)):
             share, count = one_hot_share(exp / "stage1_soft_labels.pth")
             print(f"| {name} | {share:.1%} of {count} |")
-        conditions = [("in-fold soft labels", in_fold, "in_fold", []),
-                      (f"out-of-fold soft labels (K = {args.folds})", out_of_fold, f"folds{args.folds}", []),
-                      ("--kd_weight 0", in_fold, "kd0", ["--kd_weight", "0"])]
+        conditions = [
+            ("in-fold soft labels", in_fold, "in_fold", []),
+            (f"out-of-fold soft labels (K = {args.folds})", out_of_fold, f"folds{args.folds}", []),
+            ("--kd_weight 0", in_fold, "kd0", ["--kd_weight", "0"]),
+        ]
         for label, stage1_exp, name, flags in conditions:
             rows.append((label, [stage2(stage1_exp, name, seed, *flags) for seed in args.seeds]))
     else:
-        for label, flags in (("stage 1, no EMA", []), (f"stage 1, EMA {args.ema_decay:g}",
-                                                         ["--model_ema_decay", str(args.ema_decay)])):
-            runs = [stage1(f"stage1_{'ema' if flags else 'plain'}_seed{seed}", "--seed", str(seed), *flags)
-                    for seed in args.seeds]
+        for label, flags in (
+            ("stage 1, no EMA", []),
+            (f"stage 1, EMA {args.ema_decay:g}", ["--model_ema_decay", str(args.ema_decay)]),
+        ):
+            runs = [
+                stage1(f"stage1_{'ema' if flags else 'plain'}_seed{seed}", "--seed", str(seed), *flags)
+                for seed in args.seeds
+            ]
             rows.append((label, [test_acer(exp) for exp in runs]))
         teacher = stage1(f"stage1_plain_seed{args.seeds[0]}", "--seed", str(args.seeds[0]))
-        for label, name, flags in (("stage 2, no EMA", "plain", []), (f"stage 2, EMA {args.ema_decay:g}", "ema",
-                                                                     ["--model_ema_decay", str(args.ema_decay)])):
+        for label, name, flags in (
+            ("stage 2, no EMA", "plain", []),
+            (f"stage 2, EMA {args.ema_decay:g}", "ema", ["--model_ema_decay", str(args.ema_decay)]),
+        ):
             rows.append((label, [stage2(teacher, name, seed, *flags) for seed in args.seeds]))
     print(f"\n{args.what}: {data_root}, seeds {' '.join(map(str, args.seeds))}\n")
     print("| run | test ACER: mean (min-max; per seed) |\n|---|---|")
@@ -128,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    errors.run_cli(main)

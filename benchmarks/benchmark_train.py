@@ -21,6 +21,7 @@ clipping; its img/s is the batch size over the mean update time of each epoch's 
     python benchmarks/benchmark_train.py [--runs 3] [--epochs 4] [--subjects 150] [--batch_size 32]
         [--timm_train pytorch-image-models/train.py]
 """
+
 import argparse
 import csv
 import re
@@ -40,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import wfas_data  # noqa: E402
-from tools import make_demo, models  # noqa: E402
+from tools import make_demo  # noqa: E402
+import face_cache  # noqa: E402
+import networks  # noqa: E402
 
 STAGES = {1: ("convnext_atto", train_stage1), 2: ("maxvit_rmlp_pico_rw_256", train_stage2)}
 
@@ -61,9 +64,23 @@ def parse_args(argv=None):
 
 def script_speed(stage, args, root, exp):
     model_name, script = STAGES[stage]
-    flags = ["--output_dir", str(exp), "--model_name", model_name, "--no-pretrained", "--img_size", str(args.img_size),
-             "--num_epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--num_workers",
-             str(args.num_workers), "--learning_rate", "1e-3"]
+    flags = [
+        "--output_dir",
+        str(exp),
+        "--model_name",
+        model_name,
+        "--no-pretrained",
+        "--img_size",
+        str(args.img_size),
+        "--num_epochs",
+        str(args.epochs),
+        "--batch_size",
+        str(args.batch_size),
+        "--num_workers",
+        str(args.num_workers),
+        "--learning_rate",
+        "1e-3",
+    ]
     script.main((["--data_root", str(root)] if stage == 1 else []) + flags)
     with open(exp / "logs" / f"stage{stage}" / "summary.csv") as f:
         return statistics.median(float(r["images_per_second"]) for r in list(csv.DictReader(f))[1:])
@@ -73,19 +90,29 @@ def bare_speed(stage, args, root, exp):
     """The same dataset and DataLoader as the script's, and the textbook step."""
     model_name, script = STAGES[stage]
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
-    cache = wfas_data.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
+    cache = face_cache.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
     dataset = wfas_data.build_datasets(table, args.img_size, script.train_transform(args.img_size), cache=cache)
-    loader = torch.utils.data.DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    model = timm.create_model(model_name, num_classes=2, img_size=args.img_size) if stage == 2 else \
-        timm.create_model(model_name, num_classes=2)
+    loader = torch.utils.data.DataLoader(
+        dataset["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0,
+    )
+    model = (
+        timm.create_model(model_name, num_classes=2, img_size=args.img_size)
+        if stage == 2
+        else timm.create_model(model_name, num_classes=2)
+    )
     config = timm.data.resolve_data_config({}, model=model)
     mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(config["std"]).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     speeds = []
     for _ in range(args.epochs):
-        start, images = time.time(), 0
+        start = time.time()
+        images = 0
         for batch in loader:
             x = (batch["image"].float() / 255 - mean) / std
             loss = F.cross_entropy(model(x), batch["label"])
@@ -108,25 +135,73 @@ runpy.run_path(sys.argv[0], run_name="__main__")"""
 def timm_train_speed(args, root, exp):
     """timm's own train.py on the byte-identical face crops of the project's split and cache, as an ImageFolder."""
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
-    cache = wfas_data.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
-    folder, shards = exp / "image_folder", [np.memmap(f, dtype=np.uint8, mode="r") for f in cache.shard_files]
+    cache = face_cache.build_face_cache(table, exp / "face_cache", args.img_size, workers=0, log=lambda _: None)
+    folder = exp / "image_folder"
+    shards = [np.memmap(f, dtype=np.uint8, mode="r") for f in cache.shard_files]
     for row in range(len(table)):
         split = {"train": "train", "val": "validation"}.get(wfas_data.SPLITS[table.split[row]])
         if split:
-            jpeg = shards[cache.shard_of[row]][cache.start[row]:cache.start[row] + cache.length[row]]
+            jpeg = shards[cache.shard_of[row]][cache.start[row] : cache.start[row] + cache.length[row]]
             target = folder / split / ("live" if table.label[row] == wfas_data.LIVE else "spoof") / f"{row}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(jpeg.tobytes())
     (exp / "device.yaml").write_text(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}\n")
-    run = subprocess.run([
-        sys.executable, "-c", TIMM_TRAIN_OFF_CUDA, args.timm_train, "--config", str(exp / "device.yaml"),
-        "--data-dir", str(folder),
-        "--model", STAGES[1][0], "--num-classes", "2", "--img-size", str(args.img_size), "-b", str(args.batch_size),
-        "--workers", str(args.num_workers), "--epochs", str(args.epochs), "--opt", "adamw", "--lr", "1e-3",
-        "--weight-decay", "0.05", "--clip-grad", "5", "--sched", "cosine", "--warmup-epochs", "0", "--smoothing", "0",
-        "--scale", "0.8", "1.0", "--ratio", "0.9", "1.1", "--hflip", "0.5", "--color-jitter", "0.1",
-        "--train-interpolation", "bilinear", "--log-interval", "1", "--output", str(exp / "timm_output")],
-        capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TIMM_TRAIN_OFF_CUDA,
+            args.timm_train,
+            "--config",
+            str(exp / "device.yaml"),
+            "--data-dir",
+            str(folder),
+            "--model",
+            STAGES[1][0],
+            "--num-classes",
+            "2",
+            "--img-size",
+            str(args.img_size),
+            "-b",
+            str(args.batch_size),
+            "--workers",
+            str(args.num_workers),
+            "--epochs",
+            str(args.epochs),
+            "--opt",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.05",
+            "--clip-grad",
+            "5",
+            "--sched",
+            "cosine",
+            "--warmup-epochs",
+            "0",
+            "--smoothing",
+            "0",
+            "--scale",
+            "0.8",
+            "1.0",
+            "--ratio",
+            "0.9",
+            "1.1",
+            "--hflip",
+            "0.5",
+            "--color-jitter",
+            "0.1",
+            "--train-interpolation",
+            "bilinear",
+            "--log-interval",
+            "1",
+            "--output",
+            str(exp / "timm_output"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode:
         sys.exit(f"timm's train.py failed:\n{run.stderr[-3000:]}")
     last_line_of_epoch = {}
@@ -142,11 +217,19 @@ def cuda_figures(stage, args):
     kwargs = {"img_size": args.img_size} if stage == 2 else {}
     batch = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device="cuda")
     labels = torch.randint(0, 2, (args.batch_size,), device="cuda")
-    flops = models.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name,
-                                     args.img_size)["gflops"] * 1e9 * 3  # forward + backward, per image
-    for name, dtype, channels_last, compiled in (("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
-                                                 ("bf16 channels_last", torch.bfloat16, True, False),
-                                                 ("bf16 channels_last compile", torch.bfloat16, True, True)):
+    flops = (
+        networks.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name, args.img_size)[
+            "gflops"
+        ]
+        * 1e9
+        * 3
+    )  # forward + backward, per image
+    for name, dtype, channels_last, compiled in (
+        ("fp32", None, False, False),
+        ("bf16", torch.bfloat16, False, False),
+        ("bf16 channels_last", torch.bfloat16, True, False),
+        ("bf16 channels_last compile", torch.bfloat16, True, True),
+    ):
         model = timm.create_model(model_name, num_classes=2, **kwargs).cuda()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -166,7 +249,8 @@ def cuda_figures(stage, args):
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-        start, steps = time.perf_counter(), 50
+        start = time.perf_counter()
+        steps = 50
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
@@ -182,29 +266,49 @@ def main(argv=None):
         make_demo.make_demo(root, subjects=args.subjects, seed=0)
         for stage in args.stages:
             model_name, _ = STAGES[stage]
-            project, bare, timm_script = [], [], []
+            project = []
+            bare = []
+            timm_script = []
             for run in range(args.runs):
                 exp = Path(tmp) / f"stage1_for_soft_labels_{run}"
                 if stage == 2:  # the student needs a split and soft labels: a short stage 1 first
-                    train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), "--model_name",
-                                       "test_convnext", "--no-pretrained", "--img_size", str(args.img_size),
-                                       "--num_epochs", "1", "--num_workers", "0"])
+                    train_stage1.main(
+                        [
+                            "--data_root",
+                            str(root),
+                            "--output_dir",
+                            str(exp),
+                            "--model_name",
+                            "test_convnext",
+                            "--no-pretrained",
+                            "--img_size",
+                            str(args.img_size),
+                            "--num_epochs",
+                            "1",
+                            "--num_workers",
+                            "0",
+                        ]
+                    )
                 else:
                     exp = Path(tmp) / f"stage1_{run}"
                 project.append(script_speed(stage, args, root, exp))
                 bare.append(bare_speed(stage, args, root, Path(tmp) / f"bare{stage}_{run}"))
                 if stage == 1 and args.timm_train:
                     timm_script.append(timm_train_speed(args, root, exp))
-            print(f"stage {stage} ({model_name} at {args.img_size} px, batch {args.batch_size}, "
-                  f"{args.num_workers} loader worker(s), {torch.get_num_threads()} threads): project "
-                  f"{statistics.median(project):.0f} img/s {[round(p) for p in project]}, bare timm loop "
-                  f"{statistics.median(bare):.0f} img/s {[round(b) for b in bare]}; time per image "
-                  f"{statistics.median(bare) / statistics.median(project):.3f}x the bare loop's")
+            print(
+                f"stage {stage} ({model_name} at {args.img_size} px, batch {args.batch_size}, "
+                f"{args.num_workers} loader worker(s), {torch.get_num_threads()} threads): project "
+                f"{statistics.median(project):.0f} img/s {[round(p) for p in project]}, bare timm loop "
+                f"{statistics.median(bare):.0f} img/s {[round(b) for b in bare]}; time per image "
+                f"{statistics.median(bare) / statistics.median(project):.3f}x the bare loop's"
+            )
             if timm_script:
-                print(f"stage 1 against timm's train.py on the same face crops: project "
-                      f"{statistics.median(project):.0f} img/s, timm train.py {statistics.median(timm_script):.0f} "
-                      f"img/s {[round(t) for t in timm_script]}: the project at "
-                      f"{statistics.median(project) / statistics.median(timm_script):.3f}x timm's speed")
+                print(
+                    f"stage 1 against timm's train.py on the same face crops: project "
+                    f"{statistics.median(project):.0f} img/s, timm train.py {statistics.median(timm_script):.0f} "
+                    f"img/s {[round(t) for t in timm_script]}: the project at "
+                    f"{statistics.median(project) / statistics.median(timm_script):.3f}x timm's speed"
+                )
             if torch.cuda.is_available():
                 cuda_figures(stage, args)
 

@@ -11,6 +11,7 @@ Without --data_root it generates the demo data (tools/make_demo.py, 150 subjects
 Prints a Markdown table: per held-out type, the seen and unseen test APCER and ACER (ACER with the BPCER of all
 live test images) and the pooled ACER, as mean (min-max) over the seeds.
 """
+
 import argparse
 import json
 import statistics
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_stage1  # noqa: E402
 import wfas_data  # noqa: E402
 from tools import make_demo  # noqa: E402
+import errors  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,23 +60,54 @@ def main(argv=None):
         for seed in args.seeds:
             exp = out / f"{attack_type}_seed{seed}"
             start = time.time()
-            results.append(train_stage1.main([
-                "--config", args.config, "--data_root", str(data_root), "--output_dir", str(exp), "--seed", str(seed),
-                "--unseen_attacks", attack_type, "--face_cache_dir", str(out / "face_cache"), *extra])["test"])
-            print(f"held out {attack_type}, seed {seed}: unseen ACER {results[-1]['unseen_acer']:.4f}, seen ACER "
-                  f"{results[-1]['seen_acer']:.4f} ({time.time() - start:.0f} s)", flush=True)
-        rows.append((attack_type, {k: [r[k] for r in results] for k in
-                                   ("seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer", "acer", "num_images")}))
+            results.append(
+                train_stage1.main(
+                    [
+                        "--config",
+                        args.config,
+                        "--data_root",
+                        str(data_root),
+                        "--output_dir",
+                        str(exp),
+                        "--seed",
+                        str(seed),
+                        "--unseen_attacks",
+                        attack_type,
+                        "--face_cache_dir",
+                        str(out / "face_cache"),
+                        *extra,
+                    ]
+                )["test"]
+            )
+            print(
+                f"held out {attack_type}, seed {seed}: unseen ACER {results[-1]['unseen_acer']:.4f}, seen ACER "
+                f"{results[-1]['seen_acer']:.4f} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
+        rows.append(
+            (
+                attack_type,
+                {
+                    k: [r[k] for r in results]
+                    for k in ("seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer", "acer", "num_images")
+                },
+            )
+        )
     (out / "results.json").write_text(json.dumps(dict(rows), indent=1))
-    print(f"\nLeave one type out, {data_root}, seeds {' '.join(map(str, args.seeds))}, {Path(args.config).name}"
-          + (f" {' '.join(extra)}" if extra else "") + "\n")
+    print(
+        f"\nLeave one type out, {data_root}, seeds {' '.join(map(str, args.seeds))}, {Path(args.config).name}"
+        + (f" {' '.join(extra)}" if extra else "")
+        + "\n"
+    )
     print("| held out | seen APCER | seen ACER | unseen APCER | unseen ACER | pooled ACER |")
     print("|---|---|---|---|---|---|")
     for attack_type, values in rows:
-        print(f"| {attack_type} | " + " | ".join(spread(values[k]) for k in
-                                                  ("seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer", "acer"))
-              + " |")
+        print(
+            f"| {attack_type} | "
+            + " | ".join(spread(values[k]) for k in ("seen_apcer", "seen_acer", "unseen_apcer", "unseen_acer", "acer"))
+            + " |"
+        )
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    errors.run_cli(main)

@@ -1,5 +1,6 @@
 """After training: ONNX export and its parity check, scoring a folder of images, operating points and the
 compute budget."""
+
 import csv
 import json
 import shutil
@@ -14,8 +15,10 @@ import torch
 from conftest import launch_two_processes, run_script
 import train_stage2
 import wfas_data
-from tools import common, export_onnx, models, predict, report
-from wfas_data import UserError
+from tools import export_onnx, predict
+from errors import UserError
+import evaluation
+import networks
 
 
 def copy_experiment(exp, destination):
@@ -31,6 +34,8 @@ def checkpoint_of(exp, stage):
 # ONNX export
 # ---------------------------------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, tmp_path):
     exp = copy_experiment(stage2_run[0], tmp_path / "EXP")
     results = export_onnx.main(["--output_dir", str(exp)])
@@ -45,7 +50,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
     # metadata round trip: what a deployer reads back is what the checkpoint recorded
     model = onnx.load(onnx_path)
     props = {p.key: p.value for p in model.metadata_props}
-    _, metadata, _ = common.load_checkpoint(None, exp)
+    _, metadata, _ = networks.load_checkpoint(None, exp)
     assert props["model_name"] == metadata["model_name"] == "maxvit_rmlp_pico_rw_256"
     assert int(props["img_size"]) == metadata["img_size"] == 64
     assert float(props["face_crop_scale"]) == metadata["face_crop_scale"]
@@ -65,7 +70,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3, 64, 64]
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    net, _, _ = common.load_checkpoint(None, exp)
+    net, _, _ = networks.load_checkpoint(None, exp)
     for batch in (1, 5):
         crops = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8)
         with torch.no_grad():
@@ -74,6 +79,7 @@ def test_student_exports_with_parity_on_val_images_and_its_metadata(stage2_run, 
         assert got.shape == (batch,) and np.abs(got - expected.numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_teacher_exports_from_the_command_line(stage1_run, tmp_path):
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
     result = run_script([sys.executable, "tools/export_onnx.py", "--stage", "1", "--output_dir", str(exp)])
@@ -87,13 +93,16 @@ def test_teacher_exports_from_the_command_line(stage1_run, tmp_path):
     assert json.loads(props["threshold"]) == json.loads((exp / "stage1_results.json").read_text())["val"]["threshold"]
 
 
+@pytest.mark.slow
 def test_export_without_the_data_checks_on_generated_crops(stage1_run, tmp_path):
-    results = export_onnx.main(["--output_dir", str(tmp_path / "elsewhere"),
-                                "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
+    results = export_onnx.main(
+        ["--output_dir", str(tmp_path / "elsewhere"), "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))]
+    )
     assert results["parity_source"].startswith("64 generated crops") and results["max_abs_diff"] <= 1e-4
     assert (tmp_path / "elsewhere" / "stage1_best.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_parity_is_not_written(stage1_run, tmp_path):
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
     args = export_onnx.parse_args(["--output_dir", str(exp), "--stage", "1"])
@@ -103,22 +112,33 @@ def test_an_export_that_fails_parity_is_not_written(stage1_run, tmp_path):
     assert not list(exp.glob("*.onnx")) and not list(exp.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_export_without_onnx_installed_says_what_to_install(stage1_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if it were not installed
     with pytest.raises(UserError, match="pip install onnx onnxscript onnxruntime"):
         export_onnx.main(["--output_dir", str(tmp_path), "--checkpoint", str(checkpoint_of(stage1_run[0], "stage1"))])
 
 
+@pytest.mark.slow
 def test_export_of_a_file_that_is_not_our_checkpoint_is_one_line(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"not a safetensors file")
-    result = run_script([sys.executable, "tools/export_onnx.py", "--output_dir", str(tmp_path),
-                         "--checkpoint", str(tmp_path / "weights.safetensors")])
+    result = run_script(
+        [
+            sys.executable,
+            "tools/export_onnx.py",
+            "--output_dir",
+            str(tmp_path),
+            "--checkpoint",
+            str(tmp_path / "weights.safetensors"),
+        ]
+    )
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Scoring a folder of images
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def photo_folder(demo_root, tmp_path_factory):
@@ -140,12 +160,23 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder, tmp_path):
     exp, _ = stage2_run
     folder, names = photo_folder
     out = tmp_path / "OUT"
-    results = predict.main(["--predict_folder", str(folder), "--output_dir", str(out),
-                            "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"])
+    results = predict.main(
+        [
+            "--predict_folder",
+            str(folder),
+            "--output_dir",
+            str(out),
+            "--checkpoint",
+            str(checkpoint_of(exp, "stage2")),
+            "--num_workers",
+            "0",
+        ]
+    )
     csv_path = out / "predictions_my photos.csv"
     assert results["folder_predictions"] == str(csv_path)
     rows = read_rows(csv_path)
@@ -153,7 +184,7 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
     by_path = {r["path"]: r for r in rows}
     assert by_path["broken.jpg"]["score"] == "" and by_path["broken.jpg"]["decision"] == "undecodable"
 
-    _, metadata, _ = common.load_checkpoint(None, exp)
+    _, metadata, _ = networks.load_checkpoint(None, exp)
     threshold = metadata["val_metrics"]["threshold"]
     for row in rows:
         if row["decision"] not in ("undecodable", "no_face"):
@@ -162,7 +193,7 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
     # an image with a bbox file is scored on its face crop; one without goes to the face detector, which finds no
     # face in the demo's drawn ones (tests/test_faces.py has real faces), and is then never scored whole, unless
     # --whole_image says the folder holds face crops
-    net, _, _ = common.load_checkpoint(None, exp)
+    net, _, _ = networks.load_checkpoint(None, exp)
     config = timm.data.resolve_data_config({}, model=net)
 
     def score(path, box):
@@ -174,18 +205,40 @@ def test_folder_scores_every_image_at_the_val_threshold(stage2_run, photo_folder
     box = wfas_data.read_bbox(folder / names[0].replace(".jpg", ".txt"))[:2].reshape(4).astype(np.float32)
     assert float(by_path[names[0]]["score"]) == pytest.approx(score(folder / names[0], box), abs=1e-5)
     assert by_path["sub/no_box.JPG"]["decision"] == "no_face" and by_path["sub/no_box.JPG"]["score"] == ""
-    whole = predict.main(["--predict_folder", str(folder), "--output_dir", str(out), "--whole_image",
-                          "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"])
+    whole = predict.main(
+        [
+            "--predict_folder",
+            str(folder),
+            "--output_dir",
+            str(out),
+            "--whole_image",
+            "--checkpoint",
+            str(checkpoint_of(exp, "stage2")),
+            "--num_workers",
+            "0",
+        ]
+    )
     whole = {r["path"]: r for r in read_rows(whole["folder_predictions"])}
     assert float(whole["sub/no_box.JPG"]["score"]) == pytest.approx(score(folder / names[0], None), abs=1e-5)
     assert whole["sub/no_box.JPG"]["score"] != by_path[names[0]]["score"]
 
 
+@pytest.mark.slow
 def test_folder_threshold_option_and_warning_count(stage2_run, photo_folder, tmp_path):
     exp, _ = stage2_run
     folder, _ = photo_folder
-    command = [sys.executable, "tools/predict.py", "--predict_folder", str(folder), "--output_dir",
-               str(tmp_path), "--checkpoint", str(checkpoint_of(exp, "stage2")), "--num_workers", "0"]
+    command = [
+        sys.executable,
+        "tools/predict.py",
+        "--predict_folder",
+        str(folder),
+        "--output_dir",
+        str(tmp_path),
+        "--checkpoint",
+        str(checkpoint_of(exp, "stage2")),
+        "--num_workers",
+        "0",
+    ]
     for threshold, decision in (("0", "live"), ("1", "spoof")):
         result = run_script([*command, "--threshold", threshold])
         assert result.returncode == 0, result.stderr[-3000:]
@@ -195,12 +248,21 @@ def test_folder_threshold_option_and_warning_count(stage2_run, photo_folder, tmp
         assert decisions == {decision, "undecodable", "no_face"}
 
 
+@pytest.mark.slow
 def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_path):
     """Each image once (no sampler padding), the same scores, one CSV; an export refuses several processes."""
     exp, _ = stage2_run
     folder, _ = photo_folder
-    args = ["--predict_folder", str(folder), "--checkpoint", str(checkpoint_of(exp, "stage2")),
-            "--num_workers", "0", "--batch_size", "4"]
+    args = [
+        "--predict_folder",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint_of(exp, "stage2")),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "4",
+    ]
     one = run_script([sys.executable, "tools/predict.py", *args, "--output_dir", str(tmp_path / "one")])
     two = launch_two_processes("tools/predict.py", [*args, "--output_dir", str(tmp_path / "two")])
     assert one.returncode == 0 and two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -208,29 +270,49 @@ def test_two_processes_score_a_folder_as_one_does(stage2_run, photo_folder, tmp_
     rows_two = read_rows(tmp_path / "two" / "predictions_my photos.csv")
     assert [r["path"] for r in rows_two] == [r["path"] for r in rows_one]
     assert [r["decision"] for r in rows_two] == [r["decision"] for r in rows_one]
-    assert np.allclose([float(r["score"] or "nan") for r in rows_two], [float(r["score"] or "nan") for r in rows_one],
-                       atol=1e-6, equal_nan=True)
+    assert np.allclose(
+        [float(r["score"] or "nan") for r in rows_two],
+        [float(r["score"] or "nan") for r in rows_one],
+        atol=1e-6,
+        equal_nan=True,
+    )
 
-    refused = launch_two_processes("tools/export_onnx.py", ["--output_dir", str(tmp_path / "three"),
-                                                            "--checkpoint", str(checkpoint_of(exp, "stage2"))])
+    refused = launch_two_processes(
+        "tools/export_onnx.py",
+        ["--output_dir", str(tmp_path / "three"), "--checkpoint", str(checkpoint_of(exp, "stage2"))],
+    )
     # each process says it in one line (the launcher then reports its failed child in its own way)
     assert refused.returncode != 0 and refused.stderr.count("error: the ONNX export runs in one process") == 2
     assert not list((tmp_path / "three").glob("*.onnx"))
 
 
-@pytest.mark.parametrize("contents, message", [
-    ({}, "holds no images"),
-    ({"readme.txt": "no images here"}, "holds no images"),
-    (None, "is not a folder"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        ({}, "holds no images"),
+        ({"readme.txt": "no images here"}, "holds no images"),
+        (None, "is not a folder"),
+    ],
+)
 def test_folder_without_images_is_one_clear_line(stage2_run, tmp_path, contents, message):
     folder = tmp_path / "input"
     if contents is not None:
         folder.mkdir()
         for name, text in contents.items():
             (folder / name).write_text(text)
-    result = run_script([sys.executable, "tools/predict.py", "--predict_folder", str(folder),
-                         "--output_dir", str(tmp_path), "--checkpoint", str(checkpoint_of(stage2_run[0], "stage2"))])
+    result = run_script(
+        [
+            sys.executable,
+            "tools/predict.py",
+            "--predict_folder",
+            str(folder),
+            "--output_dir",
+            str(tmp_path),
+            "--checkpoint",
+            str(checkpoint_of(stage2_run[0], "stage2")),
+        ]
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("predictions_*.csv"))
 
@@ -242,12 +324,28 @@ def test_threshold_outside_zero_one_is_refused():
         predict.parse_args([])
 
 
+@pytest.mark.slow
 def test_training_run_scores_a_folder_at_its_final_threshold(stage1_run, demo_root, photo_folder, tmp_path):
     """Scoring with EXP's own best checkpoint uses the final threshold reported in final_results.json."""
     exp = copy_experiment(stage1_run[0], tmp_path / "EXP")
     folder, _ = photo_folder
-    results = train_stage2.main(["--output_dir", str(exp), "--model_name", "test_convnext", "--no-pretrained",
-                                 "--img_size", "32", "--num_epochs", "1", "--batch_size", "8", "--num_workers", "0"])
+    results = train_stage2.main(
+        [
+            "--output_dir",
+            str(exp),
+            "--model_name",
+            "test_convnext",
+            "--no-pretrained",
+            "--img_size",
+            "32",
+            "--num_epochs",
+            "1",
+            "--batch_size",
+            "8",
+            "--num_workers",
+            "0",
+        ]
+    )
     scored = predict.main(["--output_dir", str(exp), "--predict_folder", str(folder), "--num_workers", "0"])
     rows = [r for r in read_rows(scored["folder_predictions"]) if r["score"]]
     assert len(rows) == 4  # and one image in which the detector finds no face
@@ -258,12 +356,13 @@ def test_training_run_scores_a_folder_at_its_final_threshold(stage1_run, demo_ro
 # Operating points
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_operating_points_against_a_hand_computation():
     # val: 100 spoof at 0, 0.005, ..., 0.495 and 100 live at 0.3025, 0.3075, ..., 0.7975 (no ties)
     spoof, live = np.arange(100) / 200, 0.3025 + np.arange(100) / 200
     scores, labels = np.concatenate([spoof, live]), np.array([0] * 100 + [1] * 100)
     test_scores, test_labels = np.array([0.1, 0.31, 0.9, 0.2, 0.5]), np.array([0, 0, 0, 1, 1])
-    points = {p["target"]: p for p in report.operating_points(scores, labels, test_scores, test_labels)}
+    points = {p["target"]: p for p in evaluation.operating_points(scores, labels, test_scores, test_labels)}
     assert list(points) == ["BPCER 1%", "BPCER 0.1%", "APCER 1%", "APCER 0.1%"]
 
     # BPCER <= 1%: one live image of 100 may fall below; the highest such threshold lies between the 2nd
@@ -292,6 +391,7 @@ def test_operating_points_against_a_hand_computation():
     assert p["val_apcer"] == 0 and p["val_bpcer"] == pytest.approx(39 / 100) and not p["resolved"]
 
 
+@pytest.mark.slow
 def test_final_results_and_report_carry_the_operating_points(stage2_run):
     exp, _ = stage2_run
     final = json.loads((exp / "final_results.json").read_text())
@@ -300,8 +400,12 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
     def column(split, name, kind):
         return np.array([kind(r[name]) for r in rows[split]])
 
-    expected = report.operating_points(column("val", "score", float), column("val", "label", int),
-                                       column("test", "score", float), column("test", "label", int))
+    expected = evaluation.operating_points(
+        column("val", "score", float),
+        column("val", "label", int),
+        column("test", "score", float),
+        column("test", "label", int),
+    )
     assert final["operating_points"] == expected and len(expected) == 4
     text = (exp / "report.md").read_text()
     assert "## Operating points of the student" in text
@@ -313,14 +417,18 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
 # Compute budget
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_name, params_m, gmacs, within", [
-    # timm's model cards (huggingface.co/timm/resnet18.a1_in1k, /convnext_tiny.in12k_ft_in1k): params, GMACs at 224
-    ("resnet18", 11.7, 1.8, "yes"),
-    ("convnext_tiny", 28.6, 4.5, "as MACs only"),
-])
+
+@pytest.mark.parametrize(
+    "model_name, params_m, gmacs, within",
+    [
+        # timm's model cards (huggingface.co/timm/resnet18.a1_in1k, /convnext_tiny.in12k_ft_in1k): params, GMACs at 224
+        ("resnet18", 11.7, 1.8, "yes"),
+        ("convnext_tiny", 28.6, 4.5, "as MACs only"),
+    ],
+)
 def test_compute_budget_matches_timms_published_figures(model_name, params_m, gmacs, within):
     net = timm.create_model(model_name)  # the 1000-class head, as published
-    budget = models.compute_budget(net, model_name, 224)
+    budget = networks.compute_budget(net, model_name, 224)
     assert budget["params_m"] == pytest.approx(params_m, rel=0.01)
     assert budget["gmacs"] == pytest.approx(gmacs, rel=0.03)
     assert budget["gflops"] == pytest.approx(2 * budget["gmacs"])
@@ -328,14 +436,16 @@ def test_compute_budget_matches_timms_published_figures(model_name, params_m, gm
     assert net.training  # the count leaves the model as it found it
 
 
+@pytest.mark.slow
 def test_both_stages_record_their_compute_budget(stage1_run, stage2_run):
-    for exp, stage, results_file, model_name in ((stage1_run[0], "stage1", "stage1_results.json", "convnext_atto"),
-                                                 (stage2_run[0], "stage2", "final_results.json",
-                                                  "maxvit_rmlp_pico_rw_256")):
+    for exp, stage, results_file, model_name in (
+        (stage1_run[0], "stage1", "stage1_results.json", "convnext_atto"),
+        (stage2_run[0], "stage2", "final_results.json", "maxvit_rmlp_pico_rw_256"),
+    ):
         compute = json.loads((exp / results_file).read_text())["compute"]
         assert compute["model_name"] == model_name and compute["img_size"] == 64
         assert compute["within_challenge_limit"] == "yes" and 0 < compute["gflops"] < 1
-        _, metadata, _ = common.load_checkpoint(checkpoint_of(exp, stage), exp)
+        _, metadata, _ = networks.load_checkpoint(checkpoint_of(exp, stage), exp)
         assert metadata["compute"] == compute
         log = max((exp / "logs" / stage).glob(f"{stage}_training_*.log")).read_text()
         assert f"Compute: {compute['params_m']:.2f} M parameters; {model_name} at 64x64" in log

@@ -1,4 +1,5 @@
 """The face-crop cache: build, reuse, resume, parameters, damage, and agreement with the original photos."""
+
 import errno
 import json
 import shutil
@@ -11,9 +12,10 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_STAGE1, launch_two_processes
 import train_stage1
-from tools import models
 import wfas_data
-from wfas_data import UserError
+from errors import UserError
+import face_cache
+import networks
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -25,11 +27,11 @@ def table(demo_root, tmp_path):
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    monkeypatch.setattr(wfas_data, "FACE_CACHE_SHARD_SIZE", 16)
+    monkeypatch.setattr(face_cache, "FACE_CACHE_SHARD_SIZE", 16)
 
 
 def build(table, cache_dir, **kwargs):
-    return wfas_data.build_face_cache(table, cache_dir, 64, workers=0, log=lambda _: None, **kwargs)
+    return face_cache.build_face_cache(table, cache_dir, 64, workers=0, log=lambda _: None, **kwargs)
 
 
 def test_a_cache_is_built_once_and_reused(table, tmp_path, small_shards):
@@ -38,12 +40,13 @@ def test_a_cache_is_built_once_and_reused(table, tmp_path, small_shards):
     assert len(list(cache.folder.glob("shard_*.bin"))) == 7  # 102 images in shards of 16: a few large files
     again = build(table, tmp_path / "cache")
     assert not again.built_now and again.folder == cache.folder
-    assert cache.decode(5).shape == (3, wfas_data.face_cache_size(64), wfas_data.face_cache_size(64))
+    assert cache.decode(5).shape == (3, face_cache.face_cache_size(64), face_cache.face_cache_size(64))
 
 
-def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(table, tmp_path, small_shards,
-                                                                          monkeypatch):
-    write_shard, written = wfas_data._write_shard, []
+def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(
+    table, tmp_path, small_shards, monkeypatch
+):
+    write_shard, written = face_cache._write_shard, []
 
     def killed_after_three(folder, shard, *args):
         if len(written) == 3:
@@ -51,16 +54,16 @@ def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(ta
         written.append(shard)
         write_shard(folder, shard, *args)
 
-    monkeypatch.setattr(wfas_data, "_write_shard", killed_after_three)
+    monkeypatch.setattr(face_cache, "_write_shard", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         build(table, tmp_path / "cache")
     folder = next((tmp_path / "cache").iterdir())
     assert not (folder / "manifest.json").exists()
-    params = wfas_data.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE)
+    params = face_cache.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE)
     with pytest.raises(UserError, match="damaged"):
-        wfas_data.FaceCache(folder, params)  # a half-built cache is never read
+        face_cache.FaceCache(folder, params)  # a half-built cache is never read
     written.clear()
-    monkeypatch.setattr(wfas_data, "_write_shard", lambda *args: (written.append(args[1]), write_shard(*args)))
+    monkeypatch.setattr(face_cache, "_write_shard", lambda *args: (written.append(args[1]), write_shard(*args)))
     cache = build(table, tmp_path / "cache")
     assert written == [3, 4, 5, 6] and cache.folder == folder and len(cache) == len(table)
     reference = build(table, tmp_path / "reference")
@@ -70,13 +73,14 @@ def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(ta
 
 def test_other_parameters_build_their_own_cache_and_a_mismatched_or_damaged_one_is_refused(table, tmp_path):
     first = build(table, tmp_path / "cache")
-    other_scale = wfas_data.build_face_cache(table, tmp_path / "cache", 64, face_crop_scale=1.3, workers=0,
-                                             log=lambda _: None)
+    other_scale = face_cache.build_face_cache(
+        table, tmp_path / "cache", 64, face_crop_scale=1.3, workers=0, log=lambda _: None
+    )
     other_size = build(table.select(np.arange(len(table)) < 50), tmp_path / "cache")
     assert len({first.folder, other_scale.folder, other_size.folder}) == 3
-    params = wfas_data.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE)
+    params = face_cache.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE)
     with pytest.raises(UserError, match="other data or settings"):
-        wfas_data.FaceCache(other_scale.folder, params)
+        face_cache.FaceCache(other_scale.folder, params)
     shard = next(first.folder.glob("shard_*.bin"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(UserError, match="damaged .*delete the folder to rebuild it"):
@@ -89,7 +93,7 @@ def test_a_full_disk_is_one_clear_line_and_leaves_nothing_trusted(table, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(wfas_data, "open", full_disk, raising=False)
+    monkeypatch.setattr(face_cache, "open", full_disk, raising=False)
     message = "cannot write the face cache in .*cache.*No space left on device.*--face_cache_dir"
     with pytest.raises(UserError, match=message):
         build(table, tmp_path / "cache")
@@ -117,24 +121,28 @@ def test_an_undecodable_image_is_recorded_once_at_build_time(demo_root, tmp_path
     assert not item["ok"] and item["error_kind"] == "decode" and table.paths()[7] in item["error"]
 
 
+@pytest.mark.slow
 def test_predictions_and_training_with_and_without_the_cache_agree(stage1_run, demo_root, tmp_path):
     exp, results = stage1_run
     table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
-    model = models.create_model("convnext_atto")
+    model = networks.create_model("convnext_atto")
     model.load_state_dict(load_file(exp / "checkpoints" / "stage1" / "stage1_best.safetensors"))
     model.eval()
     cache = build(table, exp / "face_cache")
     assert not cache.built_now  # stage 1 built it, in this experiment folder
     scores = {}
-    for name, dataset in (("direct", wfas_data.FaceDataset(table, 64)),
-                          ("cached", wfas_data.FaceDataset(table, 64, cache=cache))):
+    for name, dataset in (
+        ("direct", wfas_data.FaceDataset(table, 64)),
+        ("cached", wfas_data.FaceDataset(table, 64, cache=cache)),
+    ):
         images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
         with torch.no_grad():
             scores[name] = model(wfas_data.to_model_input(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
         scores[name] = scores[name].softmax(-1)[:, 1]
     assert (scores["direct"] - scores["cached"]).abs().max() < 0.05
-    direct_run = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path / "EXP"),
-                                    *TINY_STAGE1, "--no-face_cache"])
+    direct_run = train_stage1.main(
+        ["--data_root", str(demo_root), "--output_dir", str(tmp_path / "EXP"), *TINY_STAGE1, "--no-face_cache"]
+    )
     assert not (tmp_path / "EXP" / "face_cache").exists()
     assert direct_run["num_soft_labels"] == results["num_soft_labels"]
     assert abs(direct_run["val"]["loss"] - results["val"]["loss"]) < 0.1
@@ -144,26 +152,31 @@ PARALLEL_BUILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
+import face_cache
 import wfas_data
-wfas_data.FACE_CACHE_SHARD_SIZE = 16
+face_cache.FACE_CACHE_SHARD_SIZE = 16
 accelerator = Accelerator(cpu=True)
 table = wfas_data.read_split_csv({split!r}, {root!r})
-wfas_data.build_face_cache(table, {cache!r}, 64, workers=1, process_index=accelerator.process_index,
+face_cache.build_face_cache(table, {cache!r}, 64, workers=1, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_build_and_cover_every_image_exactly_once(table, demo_root, tmp_path, small_shards):
     probe = tmp_path / "probe.py"
-    probe.write_text(PARALLEL_BUILD.format(repo=str(REPO), split=str(tmp_path / "EXP" / "split.csv"),
-                                           root=str(demo_root), cache=str(tmp_path / "two")))
+    probe.write_text(
+        PARALLEL_BUILD.format(
+            repo=str(REPO), split=str(tmp_path / "EXP" / "split.csv"), root=str(demo_root), cache=str(tmp_path / "two")
+        )
+    )
     result = launch_two_processes(str(probe), [])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = next((tmp_path / "two").iterdir())
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("shard_*.json"))]
     assert [r["built_by_process"] for r in records] == [0, 1, 0, 1, 0, 1, 0]
     assert sum(len(r["offsets"]) - 1 for r in records) == len(table)
-    two = wfas_data.FaceCache(folder, wfas_data.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE))
+    two = face_cache.FaceCache(folder, face_cache.face_cache_params(table, 64, wfas_data.DEFAULT_FACE_CROP_SCALE))
     one = build(table, tmp_path / "one")
     for row in range(len(table)):  # each image once, in its place
         assert torch.equal(two.decode(row), one.decode(row))
@@ -174,9 +187,11 @@ def txt_opens():
     """Paths of .txt files opened while the list's `active` flag is set (an audit hook sees every open)."""
     state = {"active": False, "opened": []}
     if not hasattr(sys, "_wfas_txt_hook"):
+
         def hook(event, args):
             if event == "open" and sys._wfas_txt_hook["active"] and str(args[0]).endswith(".txt"):
                 sys._wfas_txt_hook["opened"].append(str(args[0]))
+
         sys._wfas_txt_hook = state
         sys.addaudithook(hook)
     sys._wfas_txt_hook.update(active=False, opened=[])
@@ -184,6 +199,7 @@ def txt_opens():
     sys._wfas_txt_hook["active"] = False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_flag", ["--face_cache", "--no-face_cache"])
 def test_no_bbox_file_is_opened_after_indexing(stage1_run, demo_root, tmp_path, txt_opens, cache_flag):
     exp = tmp_path / "EXP"

@@ -17,10 +17,11 @@ def test_focal_with_gamma_0_is_cross_entropy():
 
 def test_focal_by_hand_with_alpha():
     logits, targets = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])  # p_live = 0.75
-    expected = -0.25 ** 2 * math.log(0.75)
+    expected = -(0.25**2) * math.log(0.75)
     assert losses.focal_loss(logits, targets, gamma=2).item() == pytest.approx(expected, rel=1e-5)
-    assert losses.focal_loss(logits, targets, gamma=2, alpha=[0.3, 0.7]).item() == pytest.approx(0.7 * expected,
-                                                                                                 rel=1e-5)
+    assert losses.focal_loss(logits, targets, gamma=2, alpha=[0.3, 0.7]).item() == pytest.approx(
+        0.7 * expected, rel=1e-5
+    )
 
 
 def test_focal_down_weights_easy_examples():
@@ -44,8 +45,12 @@ def test_triplet_uses_hardest_positive_and_negative():
     # anchor 1: positive at 90 (from 0), negatives 45 and 90 (180 is 90 from 90) -> 45
     # anchor 2: positive at 135, negatives at 45 (both) -> 45
     # anchor 3: positive at 135, negatives at 90 (90) and 180 (0) -> 90
-    expected = [max(chord(90) - chord(45) + 0.3, 0), max(chord(90) - chord(45) + 0.3, 0),
-                max(chord(135) - chord(45) + 0.3, 0), max(chord(135) - chord(90) + 0.3, 0)]
+    expected = [
+        max(chord(90) - chord(45) + 0.3, 0),
+        max(chord(90) - chord(45) + 0.3, 0),
+        max(chord(135) - chord(45) + 0.3, 0),
+        max(chord(135) - chord(90) + 0.3, 0),
+    ]
     loss = losses.batch_hard_triplet_loss(embeddings, labels, margin=0.3)
     assert loss.item() == pytest.approx(sum(expected) / 4, rel=1e-4)
 
@@ -78,7 +83,7 @@ def test_kd_equals_kl_of_tempered_softmaxes_times_t_squared():
     teacher_tempered = (teacher_logits / temperature).softmax(-1)
     expected = (teacher_tempered * (teacher_tempered.log() - (student / temperature).log_softmax(-1))).sum(1)
     kd = losses.distillation_loss(student, teacher_logits.softmax(-1), temperature)
-    assert kd.item() == pytest.approx(expected.mean().item() * temperature ** 2, rel=1e-4)
+    assert kd.item() == pytest.approx(expected.mean().item() * temperature**2, rel=1e-4)
 
 
 def test_total_is_the_weighted_sum_of_its_parts():
@@ -109,7 +114,7 @@ def test_kd_is_exact_for_confident_teachers_at_any_temperature(temperature):
     other = torch.tensor([[0.0, 5.0], [1.0, 2.0], [-1.0, 1.0]])
     soft_teacher = torch.softmax(teacher.log() / temperature, dim=1)
     log_student = torch.log_softmax(other.double() / temperature, dim=1)
-    expected = (soft_teacher * (soft_teacher.log() - log_student)).sum(1).mean() * temperature ** 2
+    expected = (soft_teacher * (soft_teacher.log() - log_student)).sum(1).mean() * temperature**2
     assert distillation_loss(other, teacher.float(), temperature).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -125,8 +130,10 @@ class HostSyncDetector(torch.overrides.TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in ("__bool__", "item", "tolist", "nonzero", "any_", "__int__", "__float__"):
             self.syncs.append(name)
-        if name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in
-                                         (args[1] if isinstance(args[1], tuple) else (args[1],))):
+        if name == "__getitem__" and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool
+            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        ):
             self.syncs.append("boolean mask")
         return func(*args, **(kwargs or {}))
 

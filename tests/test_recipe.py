@@ -1,4 +1,5 @@
 """The recipe's options: EMA of the weights, the challenge-valid preset, held-out (unseen) attack types."""
+
 import argparse
 import csv
 import json
@@ -17,7 +18,11 @@ from conftest import REPO, TINY_STAGE1, TINY_STAGE2, launch_two_processes, run_s
 import train_stage1
 import train_stage2
 import wfas_data
-from tools import common, make_demo, models
+from tools import make_demo
+import errors
+import evaluation
+import face_cache
+import networks
 
 
 def latest_file(exp, stage, name):
@@ -45,12 +50,27 @@ def test_ema_weights_are_validated_kept_and_differ_from_the_raw_ones(demo_root, 
         assert epoch_val["auc"] == (results["val"]["auc"] if stage == "stage1" else results["val_auc"])
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_the_same_ema(demo_root, tmp_path):
-    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
-               "--model_ema_decay", "0.9"]
+    command = [
+        sys.executable,
+        "train_stage1.py",
+        "--data_root",
+        str(demo_root),
+        *TINY_STAGE1,
+        "--num_epochs",
+        "2",
+        "--model_ema_decay",
+        "0.9",
+    ]
     assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
-    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(
+        command + ["--output_dir", str(tmp_path / "B")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in killed.stdout:  # the epoch line comes after stage1_latest is written
         if "epoch 1/2" in line:
             killed.kill()
@@ -62,6 +82,7 @@ def test_a_killed_run_resumes_the_same_ema(demo_root, tmp_path):
     assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_resume_on_two_processes_continues_the_same_average(demo_root, tmp_path):
     """One update after a one-process epoch, on two processes: EMA' = d * EMA + (1 - d) * W', d the warm-up decay."""
     exp = tmp_path / "EXP"
@@ -70,8 +91,10 @@ def test_a_resume_on_two_processes_continues_the_same_average(demo_root, tmp_pat
     before = latest_file(exp, "stage1", "ema.safetensors")
     # the new schedule's position after one epoch: whole batches of 8 on each of two processes
     position = len(split_paths(exp, "train")) // 16
-    resumed = launch_two_processes("train_stage1.py", [*args, "--num_epochs", "2", "--max_train_steps",
-                                                       str(position + 1), "--resume_from_checkpoint", "latest"])
+    resumed = launch_two_processes(
+        "train_stage1.py",
+        [*args, "--num_epochs", "2", "--max_train_steps", str(position + 1), "--resume_from_checkpoint", "latest"],
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = json.loads((exp / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
     assert state["global_step"] == position + 1
@@ -81,28 +104,67 @@ def test_a_resume_on_two_processes_continues_the_same_average(demo_root, tmp_pat
         assert torch.allclose(after[k], decay * before[k] + (1 - decay) * weights[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_resuming_an_ema_run_from_a_state_without_ema_is_one_line(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
-    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir", str(exp),
-                         *TINY_STAGE1, "--num_epochs", "2", "--model_ema_decay", "0.9",
-                         "--resume_from_checkpoint", "latest"])
+    result = run_script(
+        [
+            sys.executable,
+            "train_stage1.py",
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(exp),
+            *TINY_STAGE1,
+            "--num_epochs",
+            "2",
+            "--model_ema_decay",
+            "0.9",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     assert result.returncode == 2 and "holds no EMA weights" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------- the challenge preset
 
+
+@pytest.mark.slow
 def test_the_challenge_preset_runs_and_logs_no_warning(demo_root, tmp_path):
     """The presets as they are, on the demo: the student at its 256 px (the size its GFLOPs are counted at), the
     teacher smaller, so that the test stays short; a handful of updates each."""
     exp = tmp_path / "EXP"
     quick = ["--num_workers", "0", "--num_epochs", "1", "--max_train_steps", "4"]
-    train_stage1.main(["--config", str(REPO / "configs" / "challenge_stage1.json"), "--data_root", str(demo_root),
-                       "--output_dir", str(exp), "--img_size", "64", "--batch_size", "8", *quick])
-    results = train_stage2.main(["--config", str(REPO / "configs" / "challenge_stage2.json"),
-                                 "--output_dir", str(exp), "--batch_size", "4", *quick])
-    assert results["compute"]["gflops"] <= models.CHALLENGE_GFLOPS_LIMIT and results["img_size"] == 256
+    train_stage1.main(
+        [
+            "--config",
+            str(REPO / "configs" / "challenge_stage1.json"),
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(exp),
+            "--img_size",
+            "64",
+            "--batch_size",
+            "8",
+            *quick,
+        ]
+    )
+    results = train_stage2.main(
+        [
+            "--config",
+            str(REPO / "configs" / "challenge_stage2.json"),
+            "--output_dir",
+            str(exp),
+            "--batch_size",
+            "4",
+            *quick,
+        ]
+    )
+    assert results["compute"]["gflops"] <= networks.CHALLENGE_GFLOPS_LIMIT and results["img_size"] == 256
     for stage in ("stage1", "stage2"):
         log = next((exp / "logs" / stage).glob("*.log")).read_text()
         assert "from scratch" in log and " WARNING " not in log, stage
@@ -111,16 +173,18 @@ def test_the_challenge_preset_runs_and_logs_no_warning(demo_root, tmp_path):
 def test_each_broken_rule_is_named(tmp_path):
     (tmp_path / "stage1_config.json").write_text(json.dumps({"pretrained": True}))
     args = argparse.Namespace(pretrained=True, output_dir=str(tmp_path))
-    broken = models.challenge_rules_broken("stage2", args, {"gflops": 47.8, "gmacs": 23.9})
+    broken = networks.challenge_rules_broken("stage2", args, {"gflops": 47.8, "gmacs": 23.9})
     assert len(broken) == 3 and "pretrained weights" in broken[0] and "pretrained teacher" in broken[1]
     assert "47.8 GFLOPs" in broken[2]
-    assert models.challenge_rules_broken("stage1", args, {"gflops": 47.8, "gmacs": 23.9}) == [
-        broken[0].replace("stage2", "stage1")]  # the teacher is not submitted: its GFLOPs are free
+    assert networks.challenge_rules_broken("stage1", args, {"gflops": 47.8, "gmacs": 23.9}) == [
+        broken[0].replace("stage2", "stage1")
+    ]  # the teacher is not submitted: its GFLOPs are free
     args.pretrained = False
     (tmp_path / "stage1_config.json").write_text(json.dumps({"pretrained": False}))
-    assert models.challenge_rules_broken("stage2", args, {"gflops": 4.9, "gmacs": 2.45}) == []
+    assert networks.challenge_rules_broken("stage2", args, {"gflops": 4.9, "gmacs": 2.45}) == []
 
 
+@pytest.mark.slow
 def test_a_run_that_breaks_a_rule_says_so_in_one_warning(stage1_run, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
@@ -154,26 +218,41 @@ def test_unseen_types_never_train_and_split_between_val_and_test_by_subject(demo
     assert unseen.unseen_attacks == tuple(sorted(HELD_OUT))
 
 
-@pytest.mark.parametrize("held_out, message", [
-    (["3D-Mask", "Paper-Cut"], "Paper-Cut: not an attack type of this data"),
-    (["live"], "live: not an attack type of this data"),
-    (list(make_demo.DEMO_ATTACK_TYPES), "holds out every attack type"),
-])
+@pytest.mark.parametrize(
+    "held_out, message",
+    [
+        (["3D-Mask", "Paper-Cut"], "Paper-Cut: not an attack type of this data"),
+        (["live"], "live: not an attack type of this data"),
+        (list(make_demo.DEMO_ATTACK_TYPES), "holds out every attack type"),
+    ],
+)
 def test_a_type_not_in_the_data_or_holding_out_every_type_is_one_line(demo_root, held_out, message):
-    with pytest.raises(wfas_data.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         wfas_data.assign_splits(wfas_data.index_wfas(demo_root), unseen_attacks=held_out)
 
 
+@pytest.mark.slow
 def test_another_list_on_the_same_folder_is_refused(demo_root, tmp_path):
     wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None, unseen_attacks=HELD_OUT)
     assert json.loads((tmp_path / "split_source.json").read_text())["unseen_attacks"] == sorted(HELD_OUT)
     again = wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None)  # stage 2: follows the record
     assert again.unseen_attacks == tuple(sorted(HELD_OUT))
     for other in (["3D-Mask"], []):
-        with pytest.raises(wfas_data.UserError, match="pass the same --unseen_attacks"):
+        with pytest.raises(errors.UserError, match="pass the same --unseen_attacks"):
             wfas_data.load_or_create_split(demo_root, tmp_path, log=lambda _: None, unseen_attacks=other)
-    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
-                         str(tmp_path), *TINY_STAGE1, "--unseen_attacks", "3D-Mask"])
+    result = run_script(
+        [
+            sys.executable,
+            "train_stage1.py",
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(tmp_path),
+            *TINY_STAGE1,
+            "--unseen_attacks",
+            "3D-Mask",
+        ]
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "was made with --unseen_attacks" in result.stderr
 
@@ -183,13 +262,15 @@ def recompute_groups(csv_path, threshold):
         rows = list(csv.DictReader(f))
     scores, labels = np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows])
     types = np.array([r["attack_type"] for r in rows])
-    return wfas_data.compute_metrics(scores, labels, types, threshold, tuple(sorted(HELD_OUT))), types
+    return evaluation.compute_metrics(scores, labels, types, threshold, tuple(sorted(HELD_OUT))), types
 
 
+@pytest.mark.slow
 def test_both_stages_report_seen_and_unseen_types_as_the_prediction_csvs_give_them(demo_root, tmp_path):
     exp = tmp_path / "EXP"
-    stage1 = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1,
-                                "--unseen_attacks", ",".join(HELD_OUT)])
+    stage1 = train_stage1.main(
+        ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--unseen_attacks", ",".join(HELD_OUT)]
+    )
     assert not set(HELD_OUT) & {row.split("/")[2] for row in split_paths(exp, "train") if "/spoof/" in row}
     final = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2])
     reported = {"stage1": stage1["test"], "stage2": {k.removeprefix("test_"): v for k, v in final.items()}}
@@ -209,6 +290,7 @@ def test_both_stages_report_seen_and_unseen_types_as_the_prediction_csvs_give_th
 
 # ---------------------------------------------------------------------------------------------- out-of-fold soft labels
 
+
 def read_folds(exp):
     with open(exp / "stage1_folds.csv") as f:
         return {row["path"]: int(row["fold"]) for row in csv.DictReader(f)}
@@ -216,23 +298,26 @@ def read_folds(exp):
 
 def fold_teacher_probs(exp, fold, paths):
     """P(spoof), P(live) of the given train images by one fold's kept teacher, through the run's own face cache."""
-    table = wfas_data.load_or_create_split(json.loads((exp / "stage1_config.json").read_text())["data_root"], exp,
-                                           log=lambda _: None)
+    table = wfas_data.load_or_create_split(
+        json.loads((exp / "stage1_config.json").read_text())["data_root"], exp, log=lambda _: None
+    )
     train = table.of_split("train")
     rows = train.select(np.isin(train.paths(), paths))
-    cache = wfas_data.build_face_cache(table, exp / "face_cache", 64, log=lambda _: None, workers=0)
+    cache = face_cache.build_face_cache(table, exp / "face_cache", 64, log=lambda _: None, workers=0)
     net = timm.create_model("convnext_atto", num_classes=2)
     net.load_state_dict(load_file(exp / "checkpoints" / "stage1" / f"stage1_fold{fold}_best.safetensors"))
     images = torch.stack([wfas_data.FaceDataset(rows, 64, cache=cache)[i]["image"] for i in range(len(rows))])
     with torch.no_grad():
-        probs = net.eval()(wfas_data.to_model_input(images, *common.normalisation(net))).softmax(-1)
+        probs = net.eval()(wfas_data.to_model_input(images, *networks.normalisation(net))).softmax(-1)
     return dict(zip(rows.paths(), probs.tolist()))
 
 
+@pytest.mark.slow
 def test_every_soft_label_comes_from_the_teacher_that_never_trained_on_it(demo_root, tmp_path):
     exp = tmp_path / "EXP"
-    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1,
-                                 "--soft_label_folds", "3"])
+    results = train_stage1.main(
+        ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--soft_label_folds", "3"]
+    )
     folds, train = read_folds(exp), split_paths(exp, "train")
     assert sorted(folds) == sorted(train) and set(folds.values()) == {0, 1, 2}
     subjects = {}
@@ -248,22 +333,40 @@ def test_every_soft_label_comes_from_the_teacher_that_never_trained_on_it(demo_r
         for path, probs in fold_teacher_probs(exp, fold, own).items():
             assert probs == pytest.approx(soft_labels[path], abs=1e-5), (fold, path)
     deployed = load_file(exp / "checkpoints" / "stage1" / "stage1_best.safetensors")
-    assert results["soft_label_folds"]["deployed"].endswith(f"stage1_fold{np.argmin([f['val_acer'] for f in recorded])}"
-                                                            "_best.safetensors")
+    assert results["soft_label_folds"]["deployed"].endswith(
+        f"stage1_fold{np.argmin([f['val_acer'] for f in recorded])}_best.safetensors"
+    )
     kept = load_file(results["soft_label_folds"]["deployed"])
     assert all(torch.equal(deployed[k], kept[k]) for k in kept)
     # the reported teacher is the fold teachers' mean, and the CSVs give its numbers back
     again, _ = recompute_groups(exp / "stage1_test_predictions.csv", results["threshold"])
-    assert again["acer"] == results["test"]["acer"] and "mean of 3 fold teachers" in next(
-        (exp / "logs" / "stage1").glob("*.log")).read_text()
+    assert (
+        again["acer"] == results["test"]["acer"]
+        and "mean of 3 fold teachers" in next((exp / "logs" / "stage1").glob("*.log")).read_text()
+    )
 
 
+@pytest.mark.slow
 def test_a_k_fold_run_killed_in_its_second_fold_resumes_there(demo_root, tmp_path):
-    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
-               "--soft_label_folds", "3"]
+    command = [
+        sys.executable,
+        "train_stage1.py",
+        "--data_root",
+        str(demo_root),
+        *TINY_STAGE1,
+        "--num_epochs",
+        "2",
+        "--soft_label_folds",
+        "3",
+    ]
     assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
-    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(
+        command + ["--output_dir", str(tmp_path / "B")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     in_second_fold = False
     for line in killed.stdout:
         in_second_fold = in_second_fold or "Fold 1/3:" in line
@@ -279,9 +382,11 @@ def test_a_k_fold_run_killed_in_its_second_fold_resumes_there(demo_root, tmp_pat
     assert "No saved state in" in resumed.stdout and "stage1_fold2_latest" in resumed.stdout
     runs = {run: json.loads((tmp_path / run / "stage1_results.json").read_text()) for run in "AB"}
     assert [f["updates"] for f in runs["A"]["soft_label_folds"]["folds"]] == [
-        f["updates"] for f in runs["B"]["soft_label_folds"]["folds"]]
-    uninterrupted, after_resume = (torch.load(tmp_path / run / "stage1_soft_labels.pth", weights_only=True)
-                                   for run in "AB")
+        f["updates"] for f in runs["B"]["soft_label_folds"]["folds"]
+    ]
+    uninterrupted, after_resume = (
+        torch.load(tmp_path / run / "stage1_soft_labels.pth", weights_only=True) for run in "AB"
+    )
     assert uninterrupted == after_resume  # every image labelled by the same fold teacher, trained the same way
     assert read_folds(tmp_path / "A") == read_folds(tmp_path / "B")
     other = run_script(command[:-1] + ["2", "--output_dir", str(tmp_path / "B"), "--resume_from_checkpoint", "latest"])
@@ -289,9 +394,12 @@ def test_a_k_fold_run_killed_in_its_second_fold_resumes_there(demo_root, tmp_pat
     assert "Traceback" not in other.stderr
 
 
+@pytest.mark.slow
 def test_folds_under_two_processes_label_every_train_image_once(demo_root, tmp_path):
-    result = launch_two_processes("train_stage1.py", ["--data_root", str(demo_root), "--output_dir", str(tmp_path),
-                                                      *TINY_STAGE1, "--soft_label_folds", "2"])
+    result = launch_two_processes(
+        "train_stage1.py",
+        ["--data_root", str(demo_root), "--output_dir", str(tmp_path), *TINY_STAGE1, "--soft_label_folds", "2"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     soft_labels = torch.load(tmp_path / "stage1_soft_labels.pth", weights_only=True)
     assert sorted(soft_labels) == sorted(split_paths(tmp_path, "train")) == sorted(read_folds(tmp_path))

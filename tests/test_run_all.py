@@ -1,4 +1,5 @@
 """run_all.sh end to end: the demo path at a smaller size, the options, and failing fast."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ SMALL_STAGE2 = "--num_epochs 1 --batch_size 8 --num_workers 0"
 def run_all(cwd, *args, env=None):
     full_env = {**os.environ, "PYTHON": sys.executable, "DEMO_SUBJECTS": "9", **(env or {})}
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    return subprocess.run(["bash", str(REPO / "run_all.sh"), *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_demo_path_writes_the_experiment_folder(tmp_path):
@@ -26,11 +28,23 @@ def test_demo_path_writes_the_experiment_folder(tmp_path):
     assert "DEMO" in result.stdout and "GENERATED data" in result.stdout
     assert "test ACC" in result.stdout and "ACER" in result.stdout and "Outputs in demo_output/" in result.stdout
     exp = tmp_path / "demo_output"
-    for path in ["checkpoints/stage1/stage1_best.safetensors", "checkpoints/stage1/stage1_latest",
-                 "checkpoints/stage2/stage2_best.safetensors", "checkpoints/stage2/stage2_latest",
-                 "split.csv", "stage1_config.json", "stage2_config.json", "stage1_soft_labels.pth",
-                 "stage1_results.json", "final_results.json", "stage2_val_predictions.csv",
-                 "stage2_test_predictions.csv", "experiment_info.json", "submission.txt", "submission.zip"]:
+    for path in [
+        "checkpoints/stage1/stage1_best.safetensors",
+        "checkpoints/stage1/stage1_latest",
+        "checkpoints/stage2/stage2_best.safetensors",
+        "checkpoints/stage2/stage2_latest",
+        "split.csv",
+        "stage1_config.json",
+        "stage2_config.json",
+        "stage1_soft_labels.pth",
+        "stage1_results.json",
+        "final_results.json",
+        "stage2_val_predictions.csv",
+        "stage2_test_predictions.csv",
+        "experiment_info.json",
+        "submission.txt",
+        "submission.zip",
+    ]:
         assert (exp / path).exists(), path
     assert len(list((exp / "logs" / "stage1").glob("stage1_training_*.log"))) == 1
     assert len(list((exp / "logs" / "stage2").glob("stage2_training_*.log"))) == 1
@@ -40,8 +54,16 @@ def test_demo_path_writes_the_experiment_folder(tmp_path):
     with zipfile.ZipFile(exp / "submission.zip") as zf:
         assert zf.namelist() == ["submission.txt"]
     info = json.loads((exp / "experiment_info.json").read_text())
-    for key in ("start_time", "end_time", "command_line", "git_commit", "versions", "devices", "num_processes",
-                "mixed_precision"):
+    for key in (
+        "start_time",
+        "end_time",
+        "command_line",
+        "git_commit",
+        "versions",
+        "devices",
+        "num_processes",
+        "mixed_precision",
+    ):
         assert key in info, key
     assert set(info["versions"]) == {"python", "torch", "timm", "accelerate"}
     assert info["versions"]["torch"] == torch.__version__ and info["devices"]  # the build too (+cu130, +cpu)
@@ -75,8 +97,9 @@ def test_unknown_option_is_a_clear_error(tmp_path):
 def test_a_failing_stage_1_stops_before_stage_2(tmp_path):
     data = tmp_path / "not_wfas"
     data.mkdir()
-    result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
-                     "--stage1_args", "--no-pretrained")
+    result = run_all(
+        tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"), "--stage1_args", "--no-pretrained"
+    )
     assert result.returncode != 0
     assert "stage 1 failed" in result.stderr and "logs/stage1" in result.stderr
     assert "Stage 2" not in result.stdout
@@ -88,27 +111,47 @@ def test_only_the_main_node_writes_the_shared_experiment_info(tmp_path):
     data = tmp_path / "not_wfas"
     data.mkdir()
     for env in ({"SLURM_NODEID": "1"}, {"ACCELERATE_ARGS": "--machine_rank 1 --num_machines 1"}):
-        result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
-                         "--stage1_args", "--no-pretrained", env=env)
+        result = run_all(
+            tmp_path,
+            "--data_root",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "EXP"),
+            "--stage1_args",
+            "--no-pretrained",
+            env=env,
+        )
         assert result.returncode != 0 and "stage 1 failed" in result.stderr
         assert not (tmp_path / "EXP" / "experiment_info.json").exists()
-    result = run_all(tmp_path, "--data_root", str(data), "--output_dir", str(tmp_path / "EXP"),
-                     "--stage1_args", "--no-pretrained", env={"SLURM_NODEID": "0"})
+    result = run_all(
+        tmp_path,
+        "--data_root",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "EXP"),
+        "--stage1_args",
+        "--no-pretrained",
+        env={"SLURM_NODEID": "0"},
+    )
     assert (tmp_path / "EXP" / "experiment_info.json").exists()
 
 
 def test_a_python_without_torch_is_one_clear_line(tmp_path):
     python = tmp_path / "python"  # stands for an interpreter of another environment, where torch is missing
-    python.write_text("#!/bin/sh\n"
-                      "echo 'Traceback (most recent call last):' >&2\n"
-                      "echo '  File \"<string>\", line 1' >&2\n"
-                      "echo \"ModuleNotFoundError: No module named 'torch'\" >&2\n"
-                      "exit 1\n")
+    python.write_text(
+        "#!/bin/sh\n"
+        "echo 'Traceback (most recent call last):' >&2\n"
+        "echo '  File \"<string>\", line 1' >&2\n"
+        "echo \"ModuleNotFoundError: No module named 'torch'\" >&2\n"
+        "exit 1\n"
+    )
     python.chmod(0o755)
-    result = run_all(tmp_path, "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "EXP"),
-                     env={"PYTHON": str(python)})
+    result = run_all(
+        tmp_path, "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "EXP"), env={"PYTHON": str(python)}
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"run_all.sh: {python} cannot import torch (ModuleNotFoundError: No module named 'torch'): "
-        "pip install -r requirements.txt"]
+        "pip install -r requirements.txt"
+    ]
     assert "Stage 1" not in result.stdout

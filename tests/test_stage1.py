@@ -16,15 +16,17 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths, two_process_command
 import train_stage1
-from tools import models
 import wfas_data
-from wfas_data import UserError
+from errors import UserError
+import checkpoints
+import networks
 
 
 def train_paths(exp):
     return set(split_paths(exp, "train"))
 
 
+@pytest.mark.slow
 def test_outputs_exist_in_their_formats(stage1_run):
     exp, results = stage1_run
     best = exp / "checkpoints" / "stage1" / "stage1_best.safetensors"
@@ -53,6 +55,7 @@ def test_outputs_exist_in_their_formats(stage1_run):
     assert results["soft_labels_path"] == saved["soft_labels_path"]
 
 
+@pytest.mark.slow
 def test_soft_labels_cover_the_train_split_exactly(stage1_run):
     exp, results = stage1_run
     soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
@@ -62,6 +65,7 @@ def test_soft_labels_cover_the_train_split_exactly(stage1_run):
         assert len(probs) == 2 and sum(probs) == pytest.approx(1, abs=1e-5) and min(probs) >= 0
 
 
+@pytest.mark.slow
 def test_config_round_trips(stage1_run):
     exp, _ = stage1_run
     saved = json.loads((exp / "stage1_config.json").read_text())
@@ -74,13 +78,21 @@ def test_config_round_trips(stage1_run):
 
 
 def test_the_users_config_format_works_as_it_is(tmp_path):
-    config = {"data_root": "/data/WFAS", "model_name": "convnext_base", "pretrained": True, "num_epochs": 50,
-              "batch_size": 32, "learning_rate": 2e-4, "model_cache_dir": "./model"}
+    config = {
+        "data_root": "/data/WFAS",
+        "model_name": "convnext_base",
+        "pretrained": True,
+        "num_epochs": 50,
+        "batch_size": 32,
+        "learning_rate": 2e-4,
+        "model_cache_dir": "./model",
+    }
     (tmp_path / "c.json").write_text(json.dumps(config))
     args = train_stage1.parse_args(["--config", str(tmp_path / "c.json")])
     assert {k: getattr(args, k) for k in config} == config
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_refused_in_one_line(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"data_root": "x", "learning_rat": 1e-3}))
     result = run_script([sys.executable, "train_stage1.py", "--config", str(tmp_path / "c.json")])
@@ -89,38 +101,84 @@ def test_unknown_config_key_is_refused_in_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_resume_from_latest_continues(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
-    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1,
-                                 "--num_epochs", "2", "--resume_from_checkpoint", "latest"])
+    results = train_stage1.main(
+        [
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(exp),
+            *TINY_STAGE1,
+            "--num_epochs",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     state = json.loads((exp / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
-    assert state["epoch"] == 1 and state["global_step"] == 2 * json.loads(
-        (stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text()
-    )["global_step"]
+    assert (
+        state["epoch"] == 1
+        and state["global_step"]
+        == 2
+        * json.loads((stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())[
+            "global_step"
+        ]
+    )
     log = max((exp / "logs" / "stage1").glob("*.log")).read_text()
     assert "Resumed from" in log and "epoch 2/2" in log and "epoch 1/2" not in log
     assert results["best_epoch"] in (1, 2)
     assert not (exp / "checkpoints" / "stage1" / "stage1_latest.tmp").exists()
 
 
+@pytest.mark.slow
 def test_resume_latest_without_a_state_starts_fresh_and_a_missing_folder_is_an_error(demo_root, tmp_path):
     # a requeued job runs the same command every time: the first start has no state yet
-    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path), *TINY_STAGE1,
-                       "--resume_from_checkpoint", "latest"])
+    train_stage1.main(
+        [
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(tmp_path),
+            *TINY_STAGE1,
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     log = max((tmp_path / "logs" / "stage1").glob("*.log")).read_text()
     assert "No saved state" in log and "starting from the beginning" in log and "epoch 1/1" in log
     with pytest.raises(UserError, match="no saved state"):
-        train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path), *TINY_STAGE1,
-                           "--resume_from_checkpoint", str(tmp_path / "nowhere")])
+        train_stage1.main(
+            [
+                "--data_root",
+                str(demo_root),
+                "--output_dir",
+                str(tmp_path),
+                *TINY_STAGE1,
+                "--resume_from_checkpoint",
+                str(tmp_path / "nowhere"),
+            ]
+        )
 
 
 def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     source = timm.create_model("convnext_atto", pretrained=False)  # an "ImageNet" model, 1000 classes
     save_file(source.state_dict(), tmp_path / "weights.safetensors")
-    args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto", "--pretrained_file",
-                                    str(tmp_path / "weights.safetensors"), "--output_dir", str(tmp_path)])
-    model = models.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
+    args = train_stage1.parse_args(
+        [
+            "--data_root",
+            "x",
+            "--model_name",
+            "convnext_atto",
+            "--pretrained_file",
+            str(tmp_path / "weights.safetensors"),
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    model = networks.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
     assert model.get_classifier().out_features == 2
 
@@ -128,26 +186,44 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     cache = tmp_path / "EXP" / "model" / "stage1" / "convnext_atto"
     cache.mkdir(parents=True)
     shutil.copy(tmp_path / "weights.safetensors", cache / "convnext_atto.safetensors")
-    args = train_stage1.parse_args(["--data_root", "x", "--model_name", "convnext_atto",
-                                    "--output_dir", str(tmp_path / "EXP")])
+    args = train_stage1.parse_args(
+        ["--data_root", "x", "--model_name", "convnext_atto", "--output_dir", str(tmp_path / "EXP")]
+    )
     assert args.model_cache_dir == str(cache)
-    model = models.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
+    model = networks.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
 
 
+@pytest.mark.slow
 def test_offline_with_an_empty_cache_stops_at_once(demo_root, tmp_path):
     start = time.time()
     # nothing listens on port 9: as quick and as final as a machine without network
-    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
-                         str(tmp_path), "--model_name", "convnext_atto"],
-                        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "",
-                             "ALL_PROXY": "", "all_proxy": ""})
+    result = run_script(
+        [
+            sys.executable,
+            "train_stage1.py",
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(tmp_path),
+            "--model_name",
+            "convnext_atto",
+        ],
+        env={
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "",
+            "https_proxy": "",
+            "ALL_PROXY": "",
+            "all_proxy": "",
+        },
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "tools/models.py download" in result.stderr and "--pretrained_file" in result.stderr
     assert "Traceback" not in result.stderr and time.time() - start < 60
     assert not (tmp_path / "checkpoints" / "stage1" / "stage1_best.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     root = tmp_path / "WFAS"
     shutil.copytree(demo_root, root)
@@ -157,8 +233,7 @@ def test_an_unreadable_train_image_does_not_stop_the_run(demo_root, tmp_path):
     for path in (broken, broken_val):
         (root / path).write_bytes(b"\xff\xd8\xff truncated")
     # batch size 1: no drop_last tail, so the epoch surely meets the broken image
-    results = train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1,
-                                 "--batch_size", "1"])
+    results = train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1, "--batch_size", "1"])
     soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
     assert broken not in soft_labels and len(soft_labels) == len(train_paths(exp)) - 1
     assert results["num_soft_labels"] == len(soft_labels)
@@ -174,12 +249,14 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error():
         train_stage1.parse_args(["--data_root", "x", "--report_to", "nosuchtracker"])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_soft_label_keys(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     exp.mkdir()
     shutil.copy(stage1_run[0] / "split.csv", exp / "split.csv")
-    result = launch_two_processes("train_stage1.py", ["--data_root", str(demo_root), "--output_dir", str(exp),
-                                                      *TINY_STAGE1])
+    result = launch_two_processes(
+        "train_stage1.py", ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1]
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout + result.stderr
     two = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
@@ -189,11 +266,17 @@ def test_two_processes_give_the_same_soft_label_keys(stage1_run, demo_root, tmp_
     assert saved["num_soft_labels"] == len(one) and saved["test"]["num_images"] == stage1_run[1]["test"]["num_images"]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(demo_root, tmp_path):
     command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2"]
     assert run_script(command + ["--output_dir", str(tmp_path / "A")]).returncode == 0
-    killed = subprocess.Popen(command + ["--output_dir", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(
+        command + ["--output_dir", str(tmp_path / "B")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in killed.stdout:  # the epoch line comes after stage1_latest is written
         if "epoch 1/2" in line:
             killed.kill()
@@ -207,9 +290,21 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(demo_r
     assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_at_the_next_batch(demo_root, tmp_path):
-    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
-               "--checkpointing_steps", "3", "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "train_stage1.py",
+        "--data_root",
+        str(demo_root),
+        *TINY_STAGE1,
+        "--num_epochs",
+        "2",
+        "--checkpointing_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+    ]
     killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in killed.stdout:
         if "at update 6 (epoch 1, 48 images)" in line:
@@ -228,14 +323,17 @@ def test_a_run_killed_mid_epoch_resumes_at_the_next_batch(demo_root, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- hardening
 
+
 def record_learning_rates():
     """The learning rate of every optimizer update, as the optimizer sees it."""
     rates = []
     handle = register_optimizer_step_pre_hook(
-        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"])
+    )
     return rates, handle
 
 
+@pytest.mark.slow
 def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_path):
     command = ["--data_root", str(demo_root), *TINY_STAGE1]
     rates, handle = record_learning_rates()
@@ -246,8 +344,9 @@ def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_p
         train_stage1.main(command + ["--output_dir", str(tmp_path / "B"), "--num_epochs", "1"])
         updates_per_epoch = len(rates)
         rates.clear()
-        train_stage1.main(command + ["--output_dir", str(tmp_path / "B"), "--num_epochs", "3",
-                                     "--resume_from_checkpoint", "latest"])
+        train_stage1.main(
+            command + ["--output_dir", str(tmp_path / "B"), "--num_epochs", "3", "--resume_from_checkpoint", "latest"]
+        )
     finally:
         handle.remove()
     assert len(uninterrupted) == 3 * updates_per_epoch
@@ -258,11 +357,11 @@ def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_p
 def test_a_mid_epoch_resume_counts_images_across_world_sizes():
     state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
     # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
-    assert train_stage1.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
-    assert train_stage1.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
-    assert train_stage1.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
+    assert checkpoints.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
+    assert checkpoints.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
+    assert checkpoints.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
     with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
-        train_stage1.Checkpoints.position(state, 8, 5, 1, 10)
+        checkpoints.Checkpoints.position(state, 8, 5, 1, 10)
 
 
 AUGMENTATION_PROBE = """
@@ -290,14 +389,14 @@ with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_processes_draw_their_own_augmentation_but_share_the_shuffle(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     exp.mkdir()
     shutil.copy(stage1_run[0] / "split.csv", exp / "split.csv")
     probe = tmp_path / "probe.py"
     probe.write_text(AUGMENTATION_PROBE.format(repo=str(REPO), out=str(tmp_path)))
-    result = launch_two_processes(str(probe), ["--data_root", str(demo_root), "--output_dir", str(exp),
-                                               *TINY_STAGE1])
+    result = launch_two_processes(str(probe), ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # with the face cache every stored crop has the same size, so the crop boxes depend on the RNG alone
@@ -308,23 +407,26 @@ def test_processes_draw_their_own_augmentation_but_share_the_shuffle(stage1_run,
     assert len(rank0["indices"]) == len(rank1["indices"]) == 4 * 8
 
 
+@pytest.mark.slow
 def test_an_image_gone_after_the_split_stops_the_run_with_one_line(demo_root, tmp_path):
     root = tmp_path / "WFAS"
     shutil.copytree(demo_root, root)
     exp = tmp_path / "EXP"
     table = wfas_data.load_or_create_split(root, exp, log=lambda _: None)
     # a train image that the start-up check of a sample of files does not look at
-    sampled = set(table.paths()[::math.ceil(len(table) / 64)])
+    sampled = set(table.paths()[:: math.ceil(len(table) / 64)])
     gone = next(p for p in table.of_split("train").paths() if p not in sampled)
     (root / gone).unlink()
-    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(root), "--output_dir", str(exp),
-                         *TINY_STAGE1])
+    result = run_script(
+        [sys.executable, "train_stage1.py", "--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1]
+    )
     assert result.returncode == 2
     assert f"cannot read {root / gone}" in result.stderr and "mounted" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
     assert not (exp / "stage1_results.json").exists()
 
 
+@pytest.mark.slow
 def test_undecodable_images_beyond_1_percent_stop_the_run(demo_root, tmp_path):
     root = tmp_path / "WFAS"
     shutil.copytree(demo_root, root)
@@ -336,6 +438,7 @@ def test_undecodable_images_beyond_1_percent_stop_the_run(demo_root, tmp_path):
         train_stage1.main(["--data_root", str(root), "--output_dir", str(exp), *TINY_STAGE1])
 
 
+@pytest.mark.slow
 def test_leftover_tmp_and_old_folders_do_not_block_a_resume(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
@@ -343,25 +446,40 @@ def test_leftover_tmp_and_old_folders_do_not_block_a_resume(stage1_run, demo_roo
     for leftover in ("stage1_latest.tmp", "stage1_latest.old"):  # a kill during the swap or during rmtree
         (ckpt / leftover).mkdir()
         (ckpt / leftover / "model.safetensors").write_bytes(b"half")
-    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--num_epochs", "2",
-                       "--resume_from_checkpoint", "latest"])
+    train_stage1.main(
+        [
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(exp),
+            *TINY_STAGE1,
+            "--num_epochs",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     assert json.loads((ckpt / "stage1_latest" / "training_state.json").read_text())["epoch"] == 1
     assert sorted(p.name for p in ckpt.iterdir()) == ["stage1_best.safetensors", "stage1_latest"]
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(stage1_run, tmp_path):
     ckpt = tmp_path / "checkpoints" / "stage1"
     shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.tmp")
     shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.old-1")
-    assert train_stage1.Checkpoints.resolve("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.tmp"
+    assert checkpoints.Checkpoints(None, tmp_path, "stage1").resolve("latest") == ckpt / "stage1_latest.tmp"
     (ckpt / "stage1_latest.tmp" / "training_state.json").unlink()  # killed while writing .tmp: the old one
-    assert train_stage1.Checkpoints.resolve("latest", ckpt / "stage1_latest") == ckpt / "stage1_latest.old-1"
+    assert checkpoints.Checkpoints(None, tmp_path, "stage1").resolve("latest") == ckpt / "stage1_latest.old-1"
 
 
+@pytest.mark.slow
 def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):
     start = time.time()
-    result = launch_two_processes("train_stage1.py", ["--data_root", str(tmp_path / "nowhere"), "--output_dir",
-                                                      str(tmp_path / "EXP"), *TINY_STAGE1])
+    result = launch_two_processes(
+        "train_stage1.py",
+        ["--data_root", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "EXP"), *TINY_STAGE1],
+    )
     assert result.returncode != 0 and time.time() - start < 120
     # each process prints the line and exits itself, none waits at the barrier to be killed
     assert result.stderr.count("error: --data_root") == 2
@@ -370,9 +488,15 @@ def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):
 def stop_with_a_signal(command, signum):
     """Start command in a process group of its own and, after its first update, signal the whole group as a
     scheduler does (loader workers and launcher included). Returns (exit code, output)."""
-    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"})
+    run = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"},
+    )
     output = []
     for line in run.stdout:
         output.append(line)
@@ -381,10 +505,24 @@ def stop_with_a_signal(command, signum):
     return run.wait(timeout=120), "".join(output)
 
 
+@pytest.mark.slow
 def test_sigusr1_mid_epoch_saves_where_the_run_stands_and_the_same_command_resumes(demo_root, tmp_path):
     # the same command line for the first start and every restart, as a requeued job runs it
-    command = [sys.executable, "train_stage1.py", "--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2",
-               "--num_workers", "1", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    command = [
+        sys.executable,
+        "train_stage1.py",
+        "--data_root",
+        str(demo_root),
+        *TINY_STAGE1,
+        "--num_epochs",
+        "2",
+        "--num_workers",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--resume_from_checkpoint",
+        "latest",
+    ]
     returncode, output = stop_with_a_signal(command, signal.SIGUSR1)  # as SLURM's --signal=USR1@... sends it
     assert returncode == 128 + signal.SIGUSR1, output[-3000:]
     assert "Stopped by SIGUSR1" in output and "--resume_from_checkpoint latest" in output
@@ -397,10 +535,24 @@ def test_sigusr1_mid_epoch_saves_where_the_run_stands_and_the_same_command_resum
     assert state["global_step"] == 2 * (len(train_paths(tmp_path)) // 8)  # as many updates as uninterrupted
 
 
+@pytest.mark.slow
 def test_sigterm_stops_two_processes_at_the_same_update_mid_epoch(stage1_run, demo_root, tmp_path):
     shutil.copy(stage1_run[0] / "split.csv", tmp_path / "split.csv")
-    args = ["--data_root", str(demo_root), *TINY_STAGE1, "--num_epochs", "2", "--batch_size", "2",
-            "--num_workers", "1", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+    args = [
+        "--data_root",
+        str(demo_root),
+        *TINY_STAGE1,
+        "--num_epochs",
+        "2",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--resume_from_checkpoint",
+        "latest",
+    ]
     returncode, output = stop_with_a_signal(two_process_command("train_stage1.py", args), signal.SIGTERM)
     assert returncode != 0 and output.count("Stopped by SIGTERM at update 10;") == 1, output[-3000:]
     state = json.loads((tmp_path / "checkpoints" / "stage1" / "stage1_latest" / "training_state.json").read_text())
@@ -411,21 +563,46 @@ def test_sigterm_stops_two_processes_at_the_same_update_mid_epoch(stage1_run, de
     assert state["global_step"] == 2 * (len(train_paths(tmp_path)) // 4)
 
 
+@pytest.mark.slow
 def test_a_resume_says_what_it_could_not_restore(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
     (exp / "checkpoints" / "stage1" / "stage1_latest" / "random_states_0.pkl").unlink()
-    train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--num_epochs", "2",
-                       "--resume_from_checkpoint", "latest"])
+    train_stage1.main(
+        [
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(exp),
+            *TINY_STAGE1,
+            "--num_epochs",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     log = max((exp / "logs" / "stage1").glob("*.log")).read_text()
     assert "Could not load random states" in log
     assert "saved in" not in log  # save_state's per-file lines stay out
 
 
+@pytest.mark.slow
 def test_output_that_is_not_a_terminal_gets_plain_progress_lines_and_loader_workers_let_it_exit(demo_root, tmp_path):
     # loader workers ignore SIGTERM (a scheduler signals them too): none may be left for the exit to terminate
-    result = run_script([sys.executable, "train_stage1.py", "--data_root", str(demo_root), "--output_dir",
-                         str(tmp_path), *TINY_STAGE1, "--num_workers", "1"], timeout=240)
+    result = run_script(
+        [
+            sys.executable,
+            "train_stage1.py",
+            "--data_root",
+            str(demo_root),
+            "--output_dir",
+            str(tmp_path),
+            *TINY_STAGE1,
+            "--num_workers",
+            "1",
+        ],
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stdout + result.stderr and "\x1b[" not in result.stdout + result.stderr
     assert "stage 1: 1/8 (12.5%)" in result.stdout and "ETA" in result.stdout

@@ -14,16 +14,22 @@ from conftest import TINY_STAGE2, launch_two_processes, run_script, split_paths
 import train_stage2
 import wfas_data
 from tools import predict
-from wfas_data import UserError
+from errors import UserError
+import evaluation
 
 
 def read_predictions(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows]),
-            np.array([r["attack_type"] for r in rows]), np.array([float(r["score"]) for r in rows]))
+    return (
+        [r["path"] for r in rows],
+        np.array([int(r["label"]) for r in rows]),
+        np.array([r["attack_type"] for r in rows]),
+        np.array([float(r["score"]) for r in rows]),
+    )
 
 
+@pytest.mark.slow
 def test_outputs_exist_in_their_formats(stage2_run):
     exp, results = stage2_run
     best = exp / "checkpoints" / "stage2" / "stage2_best.safetensors"
@@ -37,13 +43,25 @@ def test_outputs_exist_in_their_formats(stage2_run):
     log = max((exp / "logs" / "stage2").glob("stage2_training_*.log")).read_text()
     assert "focal" in log and "triplet" in log and "kd" in log and "0 fall back to their hard label" in log
     final = json.loads((exp / "final_results.json").read_text())
-    for key in ("test_acc", "test_acer", "test_apcer", "test_bpcer", "test_auc", "test_apcer_per_attack",
-                "threshold", "val_acer", "best_epoch", "num_test_images", "teacher_test_acer"):
+    for key in (
+        "test_acc",
+        "test_acer",
+        "test_apcer",
+        "test_bpcer",
+        "test_auc",
+        "test_apcer_per_attack",
+        "threshold",
+        "val_acer",
+        "best_epoch",
+        "num_test_images",
+        "teacher_test_acer",
+    ):
         assert key in final, key
     assert final["teacher_test_acer"] == json.loads((exp / "stage1_results.json").read_text())["test"]["acer"]
     assert results["test_acc"] == final["test_acc"] and results["test_acer"] == final["test_acer"]
 
 
+@pytest.mark.slow
 def test_final_results_agree_with_the_prediction_csvs(stage2_run):
     exp, _ = stage2_run
     final = json.loads((exp / "final_results.json").read_text())
@@ -52,13 +70,14 @@ def test_final_results_agree_with_the_prediction_csvs(stage2_run):
     assert sorted(val_paths) == sorted(split_paths(exp, "val"))
     assert sorted(test_paths) == sorted(split_paths(exp, "test"))
     # the threshold is the val EER point (scores are rounded to 6 digits in the CSV)
-    assert final["threshold"] == pytest.approx(wfas_data.eer_threshold(val_scores, val_labels), abs=1e-5)
-    test = wfas_data.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
+    assert final["threshold"] == pytest.approx(evaluation.eer_threshold(val_scores, val_labels), abs=1e-5)
+    test = evaluation.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
     assert final["test_acer"] == pytest.approx(test["acer"]) and final["test_acc"] == pytest.approx(test["acc"])
     assert final["test_apcer_per_attack"] == pytest.approx(test["apcer_per_attack"])
     assert final["num_test_images"] == len(test_paths)
 
 
+@pytest.mark.slow
 def test_submission_order_and_format(stage2_run, demo_root):
     exp, results = stage2_run
     lines = (exp / "submission.txt").read_text().splitlines()
@@ -72,13 +91,25 @@ def test_submission_order_and_format(stage2_run, demo_root):
     assert results["submission_path"] == str(exp / "submission.txt")
 
 
+@pytest.mark.slow
 def test_predict_reproduces_the_submission_whatever_the_list_order(stage2_run, demo_root, tmp_path):
     exp, _ = stage2_run
     out = tmp_path / "PRED"
-    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(out),
-                         "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
-                         "--num_workers", "0", "--predict_lists", str(demo_root / "Test" / "Test.txt"),
-                         str(demo_root / "Dev" / "Dev.txt")])
+    result = run_script(
+        [
+            sys.executable,
+            "tools/predict.py",
+            "--output_dir",
+            str(out),
+            "--checkpoint",
+            str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
+            "--num_workers",
+            "0",
+            "--predict_lists",
+            str(demo_root / "Test" / "Test.txt"),
+            str(demo_root / "Dev" / "Dev.txt"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [line.split() for line in (exp / "submission.txt").read_text().splitlines()]
     got = [line.split() for line in (out / "submission.txt").read_text().splitlines()]
@@ -86,15 +117,26 @@ def test_predict_reproduces_the_submission_whatever_the_list_order(stage2_run, d
     assert np.allclose([float(g[1]) for g in got], [float(e[1]) for e in expected], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_without_a_checkpoint_is_a_clear_error(tmp_path, demo_root):
-    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(tmp_path),
-                         "--predict_lists", str(demo_root / "Dev" / "Dev.txt")])
+    result = run_script(
+        [
+            sys.executable,
+            "tools/predict.py",
+            "--output_dir",
+            str(tmp_path),
+            "--predict_lists",
+            str(demo_root / "Dev" / "Dev.txt"),
+        ]
+    )
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_split_says_to_run_stage_1(tmp_path, demo_root):
-    result = run_script([sys.executable, "train_stage2.py", "--output_dir", str(tmp_path), "--data_root",
-                         str(demo_root), *TINY_STAGE2])
+    result = run_script(
+        [sys.executable, "train_stage2.py", "--output_dir", str(tmp_path), "--data_root", str(demo_root), *TINY_STAGE2]
+    )
     assert result.returncode == 2 and "run stage 1 first" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -103,6 +145,7 @@ def splits_of(exp, demo_root):
     return {name: table.of_split(name) for name in wfas_data.SPLITS}
 
 
+@pytest.mark.slow
 def test_foreign_soft_labels_are_refused(stage1_run, demo_root, tmp_path):
     exp = stage1_run[0]
     splits = splits_of(exp, demo_root)
@@ -129,16 +172,25 @@ def test_foreign_soft_labels_are_refused(stage1_run, demo_root, tmp_path):
 
 def table_of(paths, labels, split):
     n = len(paths)
-    return wfas_data.SampleTable(root=".", path=np.array([p.encode() for p in paths]), label=np.array(labels, np.int8),
-                                 attack_type=np.array([b"x"] * n), subject=np.array([b"s"] * n),
-                                 has_bbox=np.ones(n, bool), split=np.full(n, split, np.int8))
+    return wfas_data.SampleTable(
+        root=".",
+        path=np.array([p.encode() for p in paths]),
+        label=np.array(labels, np.int8),
+        attack_type=np.array([b"x"] * n),
+        subject=np.array([b"s"] * n),
+        has_bbox=np.ones(n, bool),
+        split=np.full(n, split, np.int8),
+    )
 
 
 def test_soft_labels_align_with_the_train_dataset_and_fall_back_to_hard_labels(tmp_path):
     paths = [f"img{i}.jpg" for i in range(200)]
     labels = [i % 2 for i in range(200)]
-    splits = {"train": table_of(paths, labels, 0), "val": table_of(["v.jpg"], [1], 1),
-              "test": table_of(["t.jpg"], [0], 2)}
+    splits = {
+        "train": table_of(paths, labels, 0),
+        "val": table_of(["v.jpg"], [1], 1),
+        "test": table_of(["t.jpg"], [0], 2),
+    }
     soft_labels = {p: [0.25, 0.75] for p in reversed(paths[1:])}  # order of the file does not matter
     torch.save(soft_labels, tmp_path / "s.pth")
     targets, fallbacks = train_stage2.load_soft_labels(tmp_path / "s.pth", splits)
@@ -174,6 +226,7 @@ def test_logits_and_embedding_come_from_one_forward():
     assert embedding.shape == (2, net.num_features)
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_test_image_once(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     shutil.copytree(stage1_run[0], exp)
@@ -191,6 +244,7 @@ def test_skipping_batches_replays_the_epoch_order(balanced):
     order depends only on the seed and the epoch, whatever the global RNG did meanwhile."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
+
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     data = list(range(100))
     if balanced:
@@ -214,6 +268,8 @@ def test_skipping_batches_replays_the_epoch_order(balanced):
 
 # ---------------------------------------------------------------------------------------------- hardening
 
+
+@pytest.mark.slow
 def test_recomputing_the_metrics_from_the_csvs_gives_exactly_the_reported_numbers(stage2_run):
     exp, _ = stage2_run
     final = json.loads((exp / "final_results.json").read_text())
@@ -221,26 +277,39 @@ def test_recomputing_the_metrics_from_the_csvs_gives_exactly_the_reported_number
     _, test_labels, test_types, test_scores = read_predictions(exp / "stage2_test_predictions.csv")
     # the scores as computed (float32 probabilities), not rounded; the threshold halfway between two of them
     assert np.array_equal(val_scores.astype(np.float32), val_scores) and final["threshold"] not in val_scores
-    val = wfas_data.compute_metrics(val_scores, val_labels, val_types, threshold=final["threshold"])
-    test = wfas_data.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
+    val = evaluation.compute_metrics(val_scores, val_labels, val_types, threshold=final["threshold"])
+    test = evaluation.compute_metrics(test_scores, test_labels, test_types, threshold=final["threshold"])
     assert (val["acc"], val["acer"]) == (final["val_acc"], final["val_acer"])
     assert (test["acc"], test["acer"], test["apcer"], test["bpcer"]) == (
-        final["test_acc"], final["test_acer"], final["test_apcer"], final["test_bpcer"])
+        final["test_acc"],
+        final["test_acer"],
+        final["test_apcer"],
+        final["test_bpcer"],
+    )
     assert test["apcer_per_attack"] == final["test_apcer_per_attack"]
 
 
+@pytest.mark.slow
 def test_submission_scores_keep_12_decimals(stage2_run):
     exp, _ = stage2_run
     for line in (exp / "submission.txt").read_text().splitlines():
         assert len(line.split()[1].split(".")[1]) == 12
 
 
-@pytest.mark.parametrize("list_path, expected", [("WFAS/Dev/Dev.txt", "dev"), ("lists/dev_list.txt", "dev"),
-                                                 ("WFAS/Test/list.txt", "test"), ("x/TEST-2023.txt", "test")])
+@pytest.mark.parametrize(
+    "list_path, expected",
+    [
+        ("WFAS/Dev/Dev.txt", "dev"),
+        ("lists/dev_list.txt", "dev"),
+        ("WFAS/Test/list.txt", "test"),
+        ("x/TEST-2023.txt", "test"),
+    ],
+)
 def test_the_challenge_set_of_a_list_comes_from_its_name_or_folder(list_path, expected):
     assert predict.challenge_set(list_path) == expected
 
 
+@pytest.mark.slow
 def test_a_list_that_names_no_set_is_a_clear_error(stage2_run, demo_root, tmp_path):
     exp, _ = stage2_run
     with pytest.raises(UserError, match="dev or the test list"):
@@ -248,13 +317,25 @@ def test_a_list_that_names_no_set_is_a_clear_error(stage2_run, demo_root, tmp_pa
     (tmp_path / "dev_list.txt").write_text((demo_root / "Dev" / "Dev.txt").read_text())
     for name in (demo_root / "Dev" / "Dev.txt").read_text().split():
         (tmp_path / name).write_bytes((demo_root / "Dev" / "data" / name).read_bytes())
-    result = run_script([sys.executable, "tools/predict.py", "--output_dir", str(tmp_path),
-                         "--checkpoint", str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
-                         "--num_workers", "0", "--predict_lists", str(tmp_path / "dev_list.txt")])
+    result = run_script(
+        [
+            sys.executable,
+            "tools/predict.py",
+            "--output_dir",
+            str(tmp_path),
+            "--checkpoint",
+            str(exp / "checkpoints" / "stage2" / "stage2_best.safetensors"),
+            "--num_workers",
+            "0",
+            "--predict_lists",
+            str(tmp_path / "dev_list.txt"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(line.startswith("dev/") for line in (tmp_path / "submission.txt").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_soft_labels_are_checked_against_the_images_stage_1_could_decode(stage1_run, demo_root, tmp_path):
     exp = stage1_run[0]
     splits = splits_of(exp, demo_root)
@@ -274,5 +355,9 @@ def test_soft_labels_are_checked_against_the_images_stage_1_could_decode(stage1_
 def test_balanced_sampling_with_batches_of_one_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="--batch_size 2 or more"):
         train_stage2.parse_args(["--output_dir", str(tmp_path), "--batch_size", "1"])
-    assert train_stage2.parse_args(["--output_dir", str(tmp_path), "--batch_size", "1",
-                                    "--no-balanced_sampling"]).batch_size == 1
+    assert (
+        train_stage2.parse_args(
+            ["--output_dir", str(tmp_path), "--batch_size", "1", "--no-balanced_sampling"]
+        ).batch_size
+        == 1
+    )

@@ -14,8 +14,10 @@ from PIL import Image
 from conftest import run_script
 import train_stage1
 import wfas_data
-from tools import common, data, make_demo
+from tools import data, make_demo
 from wfas_data import LIVE, SPOOF, UserError
+import evaluation
+import output_files
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -45,6 +47,7 @@ def make_tree(root, live_subjects=3, spoof_types=("2D-Print-Photo", "3D-Mask"), 
 
 
 # ---------------------------------------------------------------------------------------------- bbox and crop
+
 
 @pytest.mark.parametrize("box", [(60, 70, 20, 20), (-30, -40, 50, 60), (40, 50, 500, 600), (20, 70, 60, 20)])
 def test_crop_box_normalises_reversed_negative_and_outside_boxes(box):
@@ -77,6 +80,7 @@ def test_missing_bbox_file_reads_as_none_and_valid_one_parses(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- image quirks
+
 
 def dataset_of(folder, names, img_size=32):
     table = wfas_data.unlabelled_table(folder, names)
@@ -113,8 +117,7 @@ def test_large_jpeg_is_decoded_reduced_but_crops_the_same_region(tmp_path):
     image = Image.new("RGB", (800, 800), (0, 0, 255))
     image.paste((255, 0, 0), (200, 200, 600, 600))
     image.save(tmp_path / "big.jpg", quality=95)
-    face = wfas_data.load_face(tmp_path / "big.jpg", np.array([200, 200, 600, 600.0]), face_crop_scale=1.0,
-                               min_side=64)
+    face = wfas_data.load_face(tmp_path / "big.jpg", np.array([200, 200, 600, 600.0]), face_crop_scale=1.0, min_side=64)
     assert 64 <= face.size[0] < 400  # decoded at a reduced scale, still at least min_side
     r, g, b = np.asarray(face).reshape(-1, 3).mean(axis=0)
     assert r > 200 and b < 60
@@ -168,6 +171,7 @@ def test_labelled_list_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- splits
 
+
 def test_split_is_subject_disjoint_stratified_and_deterministic(demo_root):
     table = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3)
     again = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=3)
@@ -218,18 +222,21 @@ def test_datasets_of_a_split_give_uint8_crops_normalised_on_the_device(demo_root
 
 # ---------------------------------------------------------------------------------------------- bad input
 
+
+@pytest.mark.slow
 def test_missing_data_root_is_one_line_exit_2(tmp_path):
-    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path / "nope")])
+    result = run_script([sys.executable, "tools/data.py", "check", "--data_root", str(tmp_path / "nope")])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_empty_or_wrong_folder_is_one_line_exit_2(tmp_path):
-    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path)])
+    result = run_script([sys.executable, "tools/data.py", "check", "--data_root", str(tmp_path)])
     assert result.returncode == 2 and "Train/living" in result.stderr and "Traceback" not in result.stderr
     (tmp_path / "Train" / "living").mkdir(parents=True)
-    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(tmp_path)])
+    result = run_script([sys.executable, "tools/data.py", "check", "--data_root", str(tmp_path)])
     assert result.returncode == 2 and "no images found" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -241,8 +248,10 @@ def test_one_class_only_is_refused_for_training(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- check, make_demo
 
+
+@pytest.mark.slow
 def test_check_json_summary_and_verify_images(demo_root, tmp_path):
-    result = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(demo_root), "--json"])
+    result = run_script([sys.executable, "tools/data.py", "check", "--data_root", str(demo_root), "--json"])
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     table = wfas_data.index_wfas(demo_root)
@@ -259,64 +268,71 @@ def test_check_json_summary_and_verify_images(demo_root, tmp_path):
     summary = data.check_dataset(root, verify_images=True)
     assert summary["unreadable"] == ["Train/living/s1/1.jpg"]
     assert summary["bad_bbox"] == 1 and summary["missing_bbox"] == 0
-    text = run_script([sys.executable, "wfas_data.py", "check", "--data_root", str(root)]).stdout
+    text = run_script([sys.executable, "tools/data.py", "check", "--data_root", str(root)]).stdout
     assert "malformed bbox files         1" in text and "3D-Mask" in text
 
 
+@pytest.mark.slow
 def test_make_demo_writes_the_wfas_layout(tmp_path):
     result = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "demo"), "--subjects", "6"])
     assert result.returncode == 0, result.stderr
     assert "Wrote a generated demo dataset" in result.stdout
     root = tmp_path / "demo"
     assert sorted(p.name for p in (root / "Train" / "spoof").iterdir() if p.is_dir()) == sorted(
-        make_demo.DEMO_ATTACK_TYPES)
+        make_demo.DEMO_ATTACK_TYPES
+    )
     assert not list(root.rglob("*.tmp"))  # every file written aside and renamed
     again = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "same"), "--subjects", "6"])
     assert again.returncode == 0
-    assert all((tmp_path / "same" / p.relative_to(root)).read_bytes() == p.read_bytes()
-               for p in root.rglob("*") if p.is_file())  # a seed gives the same dataset
+    assert all(
+        (tmp_path / "same" / p.relative_to(root)).read_bytes() == p.read_bytes() for p in root.rglob("*") if p.is_file()
+    )  # a seed gives the same dataset
     refused = run_script([sys.executable, "tools/make_demo.py", str(tmp_path / "small"), "--subjects", "2"])
     assert refused.returncode == 2 and "at least 3" in refused.stderr and "Traceback" not in refused.stderr
     names = (root / "Dev" / "Dev.txt").read_text().split()
-    assert all((root / "Dev" / "data" / n).is_file() and (root / "Dev" / "data" / n).with_suffix(".txt").is_file()
-               for n in names)
-    folder, listed = common.read_prediction_list(root / "Test" / "Test.txt")
+    assert all(
+        (root / "Dev" / "data" / n).is_file() and (root / "Dev" / "data" / n).with_suffix(".txt").is_file()
+        for n in names
+    )
+    folder, listed = wfas_data.read_prediction_list(root / "Test" / "Test.txt")
     assert folder == root / "Test" / "data" and len(listed) == 24
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 
+
 def test_metrics_by_hand():
     scores = np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2])
     labels = np.array([1, 1, 1, 0, 0, 0])
     attack = np.array(["live"] * 3 + ["print", "print", "mask"])
-    m = wfas_data.compute_metrics(scores, labels, attack, threshold=0.5)
+    m = evaluation.compute_metrics(scores, labels, attack, threshold=0.5)
     assert m["apcer"] == pytest.approx(1 / 3) and m["bpcer"] == pytest.approx(1 / 3)
     assert m["acer"] == pytest.approx(1 / 3) and m["acc"] == pytest.approx(4 / 6)
     assert m["apcer_per_attack"] == {"mask": 0.0, "print": 0.5} and m["worst_apcer"] == 0.5
     assert m["auc"] == pytest.approx(8 / 9)  # 8 of the 9 live/spoof pairs are ordered right
     # the EER point: APCER = BPCER = 1/3 between 0.4 and 0.7; the threshold lies halfway, on no score
-    assert wfas_data.compute_metrics(scores, labels, attack)["threshold"] == pytest.approx(0.55)
+    assert evaluation.compute_metrics(scores, labels, attack)["threshold"] == pytest.approx(0.55)
 
 
 def test_score_at_threshold_counts_as_live_and_auc_handles_ties():
-    m = wfas_data.compute_metrics([0.5, 0.5], [1, 0], ["live", "x"], threshold=0.5)
+    m = evaluation.compute_metrics([0.5, 0.5], [1, 0], ["live", "x"], threshold=0.5)
     assert m["apcer"] == 1.0 and m["bpcer"] == 0.0
-    assert wfas_data.roc_auc([0.5, 0.5], [1, 0]) == 0.5
+    assert evaluation.roc_auc([0.5, 0.5], [1, 0]) == 0.5
 
 
 def test_prediction_list_entries_may_carry_the_set_folder(tmp_path):
     (tmp_path / "dev").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "dev" / "000001.jpg")
     (tmp_path / "dev" / "dev.txt").write_text("dev/000001.jpg\n")
-    folder, names = common.read_prediction_list(tmp_path / "dev" / "dev.txt")
+    folder, names = wfas_data.read_prediction_list(tmp_path / "dev" / "dev.txt")
     assert folder == tmp_path and names == ["dev/000001.jpg"]
     with pytest.raises(UserError, match="cannot find"):
         (tmp_path / "dev" / "other.txt").write_text("missing.jpg\n")
-        common.read_prediction_list(tmp_path / "dev" / "other.txt")
+        wfas_data.read_prediction_list(tmp_path / "dev" / "other.txt")
 
 
 # ---------------------------------------------------------------------------------------------- hardening
+
 
 def test_a_missing_or_unreadable_file_is_a_storage_error_not_a_skipped_image(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.jpg")
@@ -344,8 +360,12 @@ def test_a_split_is_not_reused_for_other_data_or_once_its_files_are_gone(demo_ro
     exp = tmp_path / "EXP"
     table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
     record = json.loads((exp / "split_source.json").read_text())
-    assert record == {"data_root": str(demo_root.resolve()), "num_images": len(table), "unseen_attacks": [],
-                      "split_by": "subject"}
+    assert record == {
+        "data_root": str(demo_root.resolve()),
+        "num_images": len(table),
+        "unseen_attacks": [],
+        "split_by": "subject",
+    }
     other = make_tree(tmp_path / "OTHER", live_subjects=4)
     with pytest.raises(UserError, match="was made from .* not .*OTHER"):
         wfas_data.load_or_create_split(other, exp, log=lambda _: None)
@@ -375,8 +395,11 @@ def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_pa
         wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
     assert not (tmp_path / "EXP" / "split.csv").exists()
     # the optional subject column splits it properly: one person per 2 images
-    lines = [f"{folder}/{i}.jpg {label} {folder} person{label}_{i // 2}" for label, folder in
-             ((1, "live"), (0, "spoof")) for i in range(20)]
+    lines = [
+        f"{folder}/{i}.jpg {label} {folder} person{label}_{i // 2}"
+        for label, folder in ((1, "live"), (0, "spoof"))
+        for i in range(20)
+    ]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=lambda _: None)
     for name in ("val", "test"):
@@ -389,8 +412,9 @@ def test_data_without_subjects_splits_by_image_with_a_warning(tmp_path):
     with pytest.raises(UserError, match="pass --split_by image"):
         wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
     logged = []
-    table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=logged.append,
-                                           split_by="image")
+    table = wfas_data.load_or_create_split(
+        tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=logged.append, split_by="image"
+    )
     for name in ("val", "test"):
         assert set(table.of_split(name).label.tolist()) == {0, 1}
     record = json.loads((tmp_path / "EXP" / "split_source.json").read_text())
@@ -403,21 +427,21 @@ def test_data_without_subjects_splits_by_image_with_a_warning(tmp_path):
 
 def test_nan_scores_are_refused_loudly():
     with pytest.raises(UserError, match="1 of 3 scores are NaN"):
-        wfas_data.compute_metrics([0.2, float("nan"), 0.9], [0, 1, 1], ["x", "live", "live"])
+        evaluation.compute_metrics([0.2, float("nan"), 0.9], [0, 1, 1], ["x", "live", "live"])
     with pytest.raises(UserError, match="NaN"):
-        wfas_data.roc_auc([float("nan"), 0.5], [1, 0])
+        evaluation.roc_auc([float("nan"), 0.5], [1, 0])
 
 
 def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisions():
     rng = np.random.default_rng(0)
     scores = rng.random(500).astype(np.float32).astype(np.float64)
     labels = (rng.random(500) < scores).astype(int)
-    threshold = wfas_data.eer_threshold(scores, labels)
+    threshold = evaluation.eer_threshold(scores, labels)
     assert threshold not in scores
-    exact = wfas_data.compute_metrics(scores, labels, ["live" if label else "x" for label in labels], threshold)
-    read_back = np.array([float(wfas_data.format_score(s)) for s in scores])
+    exact = evaluation.compute_metrics(scores, labels, ["live" if label else "x" for label in labels], threshold)
+    read_back = np.array([float(output_files.format_score(s)) for s in scores])
     assert np.array_equal(read_back, scores)
-    again = wfas_data.compute_metrics(read_back, labels, ["live" if label else "x" for label in labels], threshold)
+    again = evaluation.compute_metrics(read_back, labels, ["live" if label else "x" for label in labels], threshold)
     assert again == exact
 
 

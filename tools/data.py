@@ -5,12 +5,13 @@ ahead of time (on a CPU node, say), as the training scripts would build it.
     python tools/data.py cache --data_root /data/WFAS --output_dir EXP [--img_size 224] [--workers N]
     python tools/data.py detect --data_root DIR [--overwrite] [--min_score 0.9] [--workers N]
 
-`python wfas_data.py check|cache ...` runs the same. check prints images per class and attack type, subjects,
+check prints images per class and attack type, subjects,
 images without a bbox file, malformed bbox files and the Dev/Test lists found; --verify_images also decodes every
 image and lists those that fail. detect writes a WFAS bbox file (box, then 5 landmarks: 7 lines of `x y`) next to
-every image below DIR that has none, from the offline face detector (tools/faces.py; the largest face when there
+every image below DIR that has none, from the offline face detector (tools/face_detector.py; the largest face when there
 are several); an image with no face gets no file. It is resumable: a rerun does the images still without one.
 """
+
 import argparse
 import io
 import json
@@ -25,15 +26,18 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import face_cache  # noqa: E402
+import face_detector  # noqa: E402
 import wfas_data  # noqa: E402
-from tools import common, faces  # noqa: E402
+from errors import StorageError, UserError, run_cli  # noqa: E402
+from progress import progress_bar  # noqa: E402
 
 
 def _can_decode(path):
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise wfas_data.StorageError(path, error) from None
+        raise StorageError(path, error) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -48,8 +52,10 @@ def check_dataset(data_root, verify_images=False, workers=16):
     image_files = [root / p for p in table.paths()]
     missing = int((~table.has_bbox).sum())  # counted by the one pass over the bbox files that indexing makes
     bad = int((table.has_bbox & np.isnan(table.box[:, 0])).sum())
-    attack_types = {a.decode(): int(n) for a, n in zip(*np.unique(table.attack_type[table.label == wfas_data.SPOOF],
-                                                                   return_counts=True))}
+    attack_types = {
+        a.decode(): int(n)
+        for a, n in zip(*np.unique(table.attack_type[table.label == wfas_data.SPOOF], return_counts=True))
+    }
     summary = {
         "data_root": str(root),
         "num_images": len(table),
@@ -59,26 +65,34 @@ def check_dataset(data_root, verify_images=False, workers=16):
         "attack_types": attack_types,
         "missing_bbox": missing,
         "bad_bbox": bad,
-        "prediction_lists": {str(p.relative_to(root)): len(common.read_prediction_list(p)[1])
-                             for p in common.find_prediction_lists(root)},
+        "prediction_lists": {
+            str(p.relative_to(root)): len(wfas_data.read_prediction_list(p)[1])
+            for p in wfas_data.find_prediction_lists(root)
+        },
     }
     if verify_images:
         with ThreadPoolExecutor(workers) as pool:
-            decodable = list(wfas_data.progress_bar(pool.map(_can_decode, image_files, chunksize=64),
-                                                    total=len(image_files), desc="decoding images"))
+            decodable = list(
+                progress_bar(
+                    pool.map(_can_decode, image_files, chunksize=64), total=len(image_files), desc="decoding images"
+                )
+            )
         summary["unreadable"] = [p for p, ok in zip(table.paths(), decodable) if not ok]
     return summary
 
 
 def format_summary(summary):
     lists = summary["prediction_lists"]
-    lines = [f"WFAS data at {summary['data_root']}",
-             f"  images     {summary['num_images']:>9}   live {summary['num_live']}, spoof {summary['num_spoof']}",
-             f"  subjects   {summary['num_subjects']:>9}", "  attack types:",
-             *(f"    {name:<24}{count:>9}" for name, count in summary["attack_types"].items()),
-             f"  images without a bbox file   {summary['missing_bbox']} (the whole image is used)",
-             f"  malformed bbox files         {summary['bad_bbox']} (the whole image is used)",
-             "  lists to predict: " + (", ".join(f"{k} ({v} images)" for k, v in lists.items()) or "none found")]
+    lines = [
+        f"WFAS data at {summary['data_root']}",
+        f"  images     {summary['num_images']:>9}   live {summary['num_live']}, spoof {summary['num_spoof']}",
+        f"  subjects   {summary['num_subjects']:>9}",
+        "  attack types:",
+        *(f"    {name:<24}{count:>9}" for name, count in summary["attack_types"].items()),
+        f"  images without a bbox file   {summary['missing_bbox']} (the whole image is used)",
+        f"  malformed bbox files         {summary['bad_bbox']} (the whole image is used)",
+        "  lists to predict: " + (", ".join(f"{k} ({v} images)" for k, v in lists.items()) or "none found"),
+    ]
     if "unreadable" in summary:
         unreadable = summary["unreadable"]
         lines += [f"  unreadable images            {len(unreadable)}", *(f"    {path}" for path in unreadable[:20])]
@@ -88,15 +102,23 @@ def format_summary(summary):
 
 
 def build_cache(args):
-    table = wfas_data.load_or_create_split(args.data_root, args.output_dir, args.val_fraction, args.test_fraction,
-                                           args.seed)
+    table = wfas_data.load_or_create_split(
+        args.data_root, args.output_dir, args.val_fraction, args.test_fraction, args.seed
+    )
     start = time.time()
-    cache = wfas_data.build_face_cache(table, args.face_cache_dir or Path(args.output_dir) / "face_cache",
-                                       args.img_size, args.face_crop_scale, args.workers)
+    cache = face_cache.build_face_cache(
+        table,
+        args.face_cache_dir or Path(args.output_dir) / "face_cache",
+        args.img_size,
+        args.face_crop_scale,
+        args.workers,
+    )
     seconds = time.time() - start
-    print(f"Face cache {cache.folder}: {len(cache)} images, {cache.num_bytes / 2**30:.2f} GiB "
-          f"({cache.num_bytes / len(cache) / 1024:.1f} KiB per image), {len(cache.undecodable)} undecodable, "
-          + (f"built in {seconds:.0f} s ({len(cache) / seconds:.0f} img/s)" if cache.built_now else "already built"))
+    print(
+        f"Face cache {cache.folder}: {len(cache)} images, {cache.num_bytes / 2**30:.2f} GiB "
+        f"({cache.num_bytes / len(cache) / 1024:.1f} KiB per image), {len(cache.undecodable)} undecodable, "
+        + (f"built in {seconds:.0f} s ({len(cache) / seconds:.0f} img/s)" if cache.built_now else "already built")
+    )
     return cache
 
 
@@ -105,46 +127,55 @@ _detector = None  # one per detect worker process
 
 def _start_detector(min_score):
     global _detector
-    _detector = faces.FaceDetector(min_score)
+    _detector = face_detector.FaceDetector(min_score)
 
 
 def _detect_and_write(path):
     """(faces found, or -1 when the image does not decode, error) for one image; its bbox file written when
     there is a face. Errors come back as text: a UserError raised here would not survive the trip."""
     try:
-        found = _detector.detect(faces.read_rgb(path))
-    except wfas_data.StorageError as error:
+        found = _detector.detect(face_detector.read_rgb(path))
+    except StorageError as error:
         return 0, str(error)
     except wfas_data.DECODE_ERRORS:
         return -1, ""
     if found:
-        faces.write_bbox(path.with_suffix(".txt"), found[0][1])
+        face_detector.write_bbox(path.with_suffix(".txt"), found[0][1])
     return len(found), ""
 
 
-def detect_boxes(data_root, overwrite=False, min_score=faces.DEFAULT_MIN_SCORE, workers=1, log=print):
+def detect_boxes(data_root, overwrite=False, min_score=face_detector.DEFAULT_MIN_SCORE, workers=1, log=print):
     """Bbox files for the images below data_root without one (all with overwrite); returns the counts."""
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise wfas_data.UserError(f"--data_root {root} is not a folder")
+        raise UserError(f"--data_root {root} is not a folder")
     images = [root / path for path in wfas_data.list_images(root)]
     todo = [path for path in images if overwrite or not path.with_suffix(".txt").is_file()]
-    faces.FaceDetector(min_score)  # not installed: one line now, not one per worker
-    start, counts = time.time(), []
+    face_detector.FaceDetector(min_score)  # not installed: one line now, not one per worker
+    start = time.time()
+    counts = []
     with multiprocessing.Pool(workers, _start_detector, (min_score,)) as pool:
         results = pool.imap(_detect_and_write, todo, chunksize=4)
-        for found, error in wfas_data.progress_bar(results, total=len(todo), desc="detecting faces", unit="img"):
+        for found, error in progress_bar(results, total=len(todo), desc="detecting faces", unit="img"):
             if error:
-                raise wfas_data.UserError(error)
+                raise UserError(error)
             counts.append(found)
     counts = np.array(counts, dtype=np.int64)
-    summary = {"images": len(images), "already_boxed": len(images) - len(todo), "boxed_now": int((counts > 0).sum()),
-               "no_face": int((counts == 0).sum()), "several_faces": int((counts > 1).sum()),
-               "undecodable": int((counts < 0).sum()), "seconds": round(time.time() - start, 1)}
-    log(f"Detected faces below {root}: {summary['boxed_now']} bbox files written, {summary['already_boxed']} images "
+    summary = {
+        "images": len(images),
+        "already_boxed": len(images) - len(todo),
+        "boxed_now": int((counts > 0).sum()),
+        "no_face": int((counts == 0).sum()),
+        "several_faces": int((counts > 1).sum()),
+        "undecodable": int((counts < 0).sum()),
+        "seconds": round(time.time() - start, 1),
+    }
+    log(
+        f"Detected faces below {root}: {summary['boxed_now']} bbox files written, {summary['already_boxed']} images "
         f"already had one{' (kept)' if not overwrite else ''}; {summary['no_face']} images with no face (no file), "
         f"{summary['several_faces']} with several (the largest kept), {summary['undecodable']} undecodable; "
-        f"{len(todo) / max(summary['seconds'], 1e-9):.1f} img/s on {workers} workers")
+        f"{len(todo) / max(summary['seconds'], 1e-9):.1f} img/s on {workers} workers"
+    )
     return summary
 
 
@@ -169,8 +200,12 @@ def main(argv=None):
     detect = commands.add_parser("detect", help="write a bbox file next to every image that has none")
     detect.add_argument("--data_root", required=True, help="a folder of images, at any depth (any layout)")
     detect.add_argument("--overwrite", action="store_true", help="detect again where a bbox file exists")
-    detect.add_argument("--min_score", type=float, default=faces.DEFAULT_MIN_SCORE,
-                        help=f"the detector's confidence threshold (default: {faces.DEFAULT_MIN_SCORE})")
+    detect.add_argument(
+        "--min_score",
+        type=float,
+        default=face_detector.DEFAULT_MIN_SCORE,
+        help=f"the detector's confidence threshold (default: {face_detector.DEFAULT_MIN_SCORE})",
+    )
     detect.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="detector processes")
     args = parser.parse_args(argv)
     if args.command == "detect":
@@ -183,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    run_cli(main)

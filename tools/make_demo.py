@@ -6,17 +6,30 @@
 The attacks leave the cues real ones do (print halftone and colour casts, screen moire and bezels, mask edges),
 so a model learns them in a few epochs on a CPU.
 """
+
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-# numpy and Pillow only: run_all.sh makes the demo data while another core imports torch for its GPU check
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# numpy, Pillow and the standard library only: run_all.sh makes the demo data while another core imports torch
+from output_files import aside, write_text  # noqa: E402
 
-DEMO_ATTACK_TYPES = ("2D-Display-Pad", "2D-Display-Phone", "2D-Print-Album", "2D-Print-Newspaper",
-                     "2D-Print-Photo", "2D-Print-Poster", "3D-AdultDoll", "3D-GarageKit", "3D-Mask")
+DEMO_ATTACK_TYPES = (
+    "2D-Display-Pad",
+    "2D-Display-Phone",
+    "2D-Print-Album",
+    "2D-Print-Newspaper",
+    "2D-Print-Photo",
+    "2D-Print-Poster",
+    "3D-AdultDoll",
+    "3D-GarageKit",
+    "3D-Mask",
+)
 DEMO_SIZE = 128
 
 
@@ -29,10 +42,11 @@ def _demo_face(rng, identity, size=DEMO_SIZE):
     half_h = half_w * 1.3
     cx = size / 2 + rng.uniform(-12, 12)
     cy = size / 2 + rng.uniform(-10, 10)
-    u, v = (x - cx) / half_w, (y - cy) / half_h
-    inside = u ** 2 + v ** 2 <= 1
+    u = (x - cx) / half_w
+    v = (y - cy) / half_h
+    inside = u**2 + v**2 <= 1
     light = rng.uniform(-0.6, 0.6)  # direction of the light across the face
-    shading = np.clip(0.75 + 0.35 * np.sqrt(np.clip(1 - u ** 2 - v ** 2, 0, 1)) + 0.15 * light * u, 0.3, 1.3)
+    shading = np.clip(0.75 + 0.35 * np.sqrt(np.clip(1 - u**2 - v**2, 0, 1)) + 0.15 * light * u, 0.3, 1.3)
     image = np.where(inside[..., None], identity["skin"] * shading[..., None], background)
     eyes = [(cx - 0.4 * half_w, cy - 0.25 * half_h), (cx + 0.4 * half_w, cy - 0.25 * half_h)]
     for ex, ey in eyes:
@@ -46,9 +60,13 @@ def _demo_face(rng, identity, size=DEMO_SIZE):
 
 
 def _demo_identity(rng):
-    return {"background": rng.uniform(30, 220, 3), "face_w": rng.uniform(20, 28),
-            "skin": rng.uniform([150, 100, 70], [240, 190, 160]), "eye": rng.uniform(10, 70, 3),
-            "lips": rng.uniform([120, 30, 30], [200, 90, 90])}
+    return {
+        "background": rng.uniform(30, 220, 3),
+        "face_w": rng.uniform(20, 28),
+        "skin": rng.uniform([150, 100, 70], [240, 190, 160]),
+        "eye": rng.uniform(10, 70, 3),
+        "lips": rng.uniform([120, 30, 30], [200, 90, 90]),
+    }
 
 
 def _demo_attack(rng, attack_type, image, inside):
@@ -80,7 +98,10 @@ def _demo_attack(rng, attack_type, image, inside):
         image = image * (1 + 0.2 * strength * moire[..., None])
         image = image + strength * np.array([-15.0, 0.0, 25.0])  # a display's blue cast
         bezel = int(rng.integers(2, 8))
-        image[:bezel], image[-bezel:], image[:, :bezel], image[:, -bezel:] = 15, 15, 15, 15
+        image[:bezel] = 15
+        image[-bezel:] = 15
+        image[:, :bezel] = 15
+        image[:, -bezel:] = 15
     else:  # 3D masks and dolls: flat, smooth shading, no skin texture, a specular highlight
         smooth = image.copy()
         for axis in (0, 1, 0, 1):
@@ -102,17 +123,6 @@ def _save_demo_image(image, points, path, rng):
     os.replace(tmp, path)
     jitter = points + rng.normal(0, 1.0, points.shape)  # detector noise
     write_text(path.with_suffix(".txt"), "".join(f"{px:.2f} {py:.2f}\n" for px, py in jitter))
-
-
-def aside(path):
-    """A temporary name next to path (wfas_data.aside's, whose import would bring torch's seconds)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def write_text(path, text):
-    tmp = aside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof=1, unlabelled=24):

@@ -14,11 +14,11 @@ the model never saw in training, is never scored; --whole_image scores every ima
 crops. Live when P(live) >= the threshold (default: the val EER point of the checkpoint's run). --save_overlays
 DIR draws each face's box, P(live) and decision on a copy of its image.
 """
+
 import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -29,41 +29,80 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evaluation  # noqa: E402
+import experiment_report  # noqa: E402
+import face_cache  # noqa: E402
+import face_detector  # noqa: E402
+import networks  # noqa: E402
+import training_run  # noqa: E402
 import wfas_data  # noqa: E402
-from tools import common, faces  # noqa: E402
-from wfas_data import UserError  # noqa: E402
+from errors import StorageError, UserError, run_cli  # noqa: E402
+from progress import progress_bar  # noqa: E402
+from output_files import format_score, write_with  # noqa: E402
 
 logger = get_logger("predict")
 
 
 def parse_args(argv=None):
-    parser = common.checkpoint_parser(__doc__)
-    parser.add_argument("--predict_lists", nargs="+", metavar="LIST",
-                        help="the unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt")
-    parser.add_argument("--predict_folder", metavar="DIR", help="score every image below DIR into "
-                                                                "EXP/predictions_<DIR name>.csv")
-    parser.add_argument("--all_faces", action="store_true", help="--predict_folder: a row for every detected face, "
-                                                                 "not only the largest")
-    parser.add_argument("--whole_image", action="store_true", help="--predict_folder: score each image whole, "
-                                                                   "without detection (a folder of face crops)")
-    parser.add_argument("--min_face_score", type=float, default=faces.DEFAULT_MIN_SCORE,
-                        help=f"the detector's confidence threshold (default: {faces.DEFAULT_MIN_SCORE})")
-    parser.add_argument("--save_overlays", metavar="DIR", help="--predict_folder: a copy of each image with its "
-                                                               "faces' boxes, P(live) and decisions, below DIR")
-    parser.add_argument("--threshold", type=float, help="live when P(live) >= this, for --predict_folder "
-                                                        "(default: the val EER threshold of the checkpoint's run)")
+    parser = networks.checkpoint_parser(__doc__)
+    parser.add_argument(
+        "--predict_lists",
+        nargs="+",
+        metavar="LIST",
+        help="the unlabelled challenge lists (Dev.txt Test.txt) to score into EXP/submission.txt",
+    )
+    parser.add_argument(
+        "--predict_folder", metavar="DIR", help="score every image below DIR into EXP/predictions_<DIR name>.csv"
+    )
+    parser.add_argument(
+        "--all_faces", action="store_true", help="--predict_folder: a row for every detected face, not only the largest"
+    )
+    parser.add_argument(
+        "--whole_image",
+        action="store_true",
+        help="--predict_folder: score each image whole, without detection (a folder of face crops)",
+    )
+    parser.add_argument(
+        "--min_face_score",
+        type=float,
+        default=face_detector.DEFAULT_MIN_SCORE,
+        help=f"the detector's confidence threshold (default: {face_detector.DEFAULT_MIN_SCORE})",
+    )
+    parser.add_argument(
+        "--save_overlays",
+        metavar="DIR",
+        help="--predict_folder: a copy of each image with its faces' boxes, P(live) and decisions, below DIR",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="live when P(live) >= this, for --predict_folder (default: the val EER threshold of the checkpoint's run)",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="per process (default: 32)")
-    parser.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default: the "
-                                                                      "node's cores shared by its processes)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average with a horizontal flip (default: as the checkpoint's run was evaluated)")
-    parser.add_argument("--face_cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="crop the challenge lists' faces once into a cache, as training does (default: on)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="loader workers per process (default: the node's cores shared by its processes)",
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average with a horizontal flip (default: as the checkpoint's run was evaluated)",
+    )
+    parser.add_argument(
+        "--face_cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="crop the challenge lists' faces once into a cache, as training does (default: on)",
+    )
     parser.add_argument("--face_cache_dir", help="where face caches live (default: EXP/face_cache)")
     args = parser.parse_args(argv)
     if not (args.predict_lists or args.predict_folder):
-        raise UserError("nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt) or "
-                        "--predict_folder DIR")
+        raise UserError(
+            "nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt) or --predict_folder DIR"
+        )
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold {args.threshold} is not a probability: P(live) lies in [0, 1]")
     args.face_cache_dir = args.face_cache_dir or str(Path(args.output_dir) / "face_cache")
@@ -80,14 +119,10 @@ def challenge_set(list_file):
         found = [candidate for candidate in ("dev", "test") if candidate in name]
         if len(found) == 1:
             return found[0]
-    raise UserError(f"cannot tell whether {list_file} is the dev or the test list: its file name or folder must "
-                    "contain 'dev' or 'test' (as WFAS/Dev/Dev.txt and WFAS/Test/Test.txt do)")
-
-
-def write_aside(path, write):
-    tmp = wfas_data.aside(path)
-    write(tmp)
-    os.replace(tmp, path)
+    raise UserError(
+        f"cannot tell whether {list_file} is the dev or the test list: its file name or folder must "
+        "contain 'dev' or 'test' (as WFAS/Dev/Dev.txt and WFAS/Test/Test.txt do)"
+    )
 
 
 def zip_one(path, member):
@@ -101,18 +136,33 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
     into ties at 1 or 0."""
     sets = {list_file: challenge_set(list_file) for list_file in args.predict_lists}
     if len(set(sets.values())) < len(sets):
-        raise UserError(f"--predict_lists {' '.join(args.predict_lists)}: give one dev and one test list, not "
-                        f"{', '.join(sets.values())}")
+        raise UserError(
+            f"--predict_lists {' '.join(args.predict_lists)}: give one dev and one test list, not "
+            f"{', '.join(sets.values())}"
+        )
     lines = []
     for list_file in sorted(args.predict_lists, key=lambda p: sets[p] != "dev"):
-        folder, names = common.read_prediction_list(list_file)
+        folder, names = wfas_data.read_prediction_list(list_file)
         table = wfas_data.unlabelled_table(folder, names)
         workers = wfas_data.default_loader_settings(args.num_workers)["num_workers"]
-        cache = wfas_data.build_face_cache(
-            table, args.face_cache_dir, img_size, face_crop_scale, workers, accelerator.process_index,
-            accelerator.num_processes, accelerator.wait_for_everyone, logger.info) if args.face_cache else None
-        scores = common.score_table(model, accelerator, table, img_size, face_crop_scale, args.batch_size,
-                                    args.num_workers, args.tta, cache, Path(list_file).name, logger.warning)
+        cache = None
+        if args.face_cache:
+            cache = face_cache.build_for_processes(
+                table, args.face_cache_dir, img_size, face_crop_scale, workers, accelerator, logger.info
+            )
+        scores = evaluation.score_table(
+            model,
+            accelerator,
+            table,
+            img_size,
+            face_crop_scale,
+            args.batch_size,
+            args.num_workers,
+            args.tta,
+            cache,
+            Path(list_file).name,
+            logger.warning,
+        )
         undecodable = np.isnan(scores)
         if undecodable.any():
             logger.warning(f"{int(undecodable.sum())} images of {list_file} could not be decoded; they are scored 0.5")
@@ -120,10 +170,11 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
         prefix = sets[list_file]
         keys = [name if name.startswith(prefix + "/") else f"{prefix}/{name}" for name in names]
         lines += [f"{key} {score:.12f}" for key, score in zip(keys, np.clip(scores, 0, 1))]
-    txt, archive = Path(args.output_dir) / "submission.txt", Path(args.output_dir) / "submission.zip"
+    txt = Path(args.output_dir) / "submission.txt"
+    archive = Path(args.output_dir) / "submission.zip"
     if accelerator.is_main_process:
-        write_aside(txt, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-        write_aside(archive, lambda tmp: zip_one(tmp, txt))
+        write_with(txt, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        write_with(archive, lambda tmp: zip_one(tmp, txt))
         logger.info(f"Wrote {len(lines)} scores to {txt} and {archive}")
     return str(txt)
 
@@ -135,19 +186,22 @@ def find_faces(args, folder, paths, accelerator):
     table = wfas_data.unlabelled_table(folder, paths)
     if args.whole_image:
         return [(i, None, "whole image", np.nan) for i in range(len(paths))]
-    rows, error, found = [], None, {}
+    rows = []
+    error = None
+    found = {}
     if accelerator.is_main_process:
         missing = np.flatnonzero(np.isnan(table.box[:, 0]))
         try:  # a user error (the detector not installed, an unreadable file) reaches every process
-            detector = faces.FaceDetector(args.min_face_score) if len(missing) else None
-            for i in wfas_data.progress_bar(missing, desc="detecting faces", disable=not len(missing)):
+            detector = face_detector.FaceDetector(args.min_face_score) if len(missing) else None
+            for i in progress_bar(missing, desc="detecting faces", disable=not len(missing)):
                 try:
-                    found[i] = detector.detect(faces.read_rgb(folder / paths[i]))
+                    found[i] = detector.detect(face_detector.read_rgb(folder / paths[i]))
                 except wfas_data.DECODE_ERRORS:
                     found[i] = None
         except UserError as exc:
-            error = str(exc) + ("" if isinstance(exc, wfas_data.StorageError) else
-                                "; or pass --whole_image to score a folder of face crops whole")
+            error = str(exc) + (
+                "" if isinstance(exc, StorageError) else "; or pass --whole_image to score a folder of face crops whole"
+            )
         for i in range(len(paths)):
             if i not in found:
                 box = table.box[i]
@@ -155,11 +209,22 @@ def find_faces(args, folder, paths, accelerator):
             elif not found[i]:
                 rows.append((i, None, "no face" if found[i] is not None else "undecodable", np.nan))
             else:
-                rows += [(i, points, "detector", score) for score, points in found[i][:None if args.all_faces else 1]]
+                rows += [(i, points, "detector", score) for score, points in found[i][: None if args.all_faces else 1]]
     rows, error = broadcast_object_list([rows, error])
     if error:
         raise UserError(error)
     return rows
+
+
+def decide(source, score, threshold):
+    """A face's decision: no_face or undecodable when there was nothing to score, else live or spoof."""
+    if source in ("no face", "undecodable"):
+        return source.replace(" ", "_")
+    if np.isnan(score):
+        return "undecodable"
+    if score >= threshold:
+        return "live"
+    return "spoof"
 
 
 def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold):
@@ -170,52 +235,83 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
         raise UserError(f"--predict_folder {folder} is not a folder")
     paths = wfas_data.list_images(folder)
     if not paths:
-        raise UserError(f"--predict_folder {folder} holds no images ({', '.join(sorted(wfas_data.IMAGE_EXTENSIONS))} "
-                        "files, at any depth)")
+        raise UserError(
+            f"--predict_folder {folder} holds no images ({', '.join(sorted(wfas_data.IMAGE_EXTENSIONS))} "
+            "files, at any depth)"
+        )
     rows = find_faces(args, folder, paths, accelerator)
     scored = [k for k, row in enumerate(rows) if row[1] is not None or row[2] == "whole image"]
     table = wfas_data.unlabelled_table(folder, [paths[rows[k][0]] for k in scored])
-    table.box = np.array([rows[k][1][:2].reshape(-1) if rows[k][1] is not None else [np.nan] * 4 for k in scored],
-                         dtype=np.float32).reshape(-1, 4)
+    table.box = np.array(
+        [rows[k][1][:2].reshape(-1) if rows[k][1] is not None else [np.nan] * 4 for k in scored], dtype=np.float32
+    ).reshape(-1, 4)
     scores = np.full(len(rows), np.nan)
     if scored:
-        scores[scored] = common.score_table(model, accelerator, table, img_size, face_crop_scale, args.batch_size,
-                                            args.num_workers, args.tta, None, folder.name, logger.warning)
-    decisions = np.array([row[2].replace(" ", "_") if row[2] in ("no face", "undecodable") else
-                          "undecodable" if np.isnan(score) else "live" if score >= threshold else "spoof"
-                          for row, score in zip(rows, scores)])
+        scores[scored] = evaluation.score_table(
+            model,
+            accelerator,
+            table,
+            img_size,
+            face_crop_scale,
+            args.batch_size,
+            args.num_workers,
+            args.tta,
+            None,
+            folder.name,
+            logger.warning,
+        )
+    decisions = np.array([decide(row[2], score, threshold) for row, score in zip(rows, scores)])
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
 
     def write(tmp):
         face_number = {}
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "face", "score", "decision", "x1", "y1", "x2", "y2", "box_source",
-                             "detector_score"])
+            writer.writerow(
+                ["path", "face", "score", "decision", "x1", "y1", "x2", "y2", "box_source", "detector_score"]
+            )
             for (i, points, source, detector_score), score, decision in zip(rows, scores, decisions):
                 face_number[i] = face_number.get(i, -1) + 1
                 box = [] if points is None else [f"{v:.1f}" for v in points[:2].reshape(-1)]
-                writer.writerow([paths[i], face_number[i], "" if np.isnan(score) else wfas_data.format_score(score),
-                                 decision, *(box or [""] * 4), "" if source in ("no face", "undecodable") else source,
-                                 "" if np.isnan(detector_score) else f"{detector_score:.4f}"])
+                writer.writerow(
+                    [
+                        paths[i],
+                        face_number[i],
+                        "" if np.isnan(score) else format_score(score),
+                        decision,
+                        *(box or [""] * 4),
+                        "" if source in ("no face", "undecodable") else source,
+                        "" if np.isnan(detector_score) else f"{detector_score:.4f}",
+                    ]
+                )
 
     if accelerator.is_main_process:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        write_aside(csv_path, write)
+        write_with(csv_path, write)
         if args.save_overlays:
-            for i in wfas_data.progress_bar(sorted({row[0] for row in rows}), desc="overlays"):
-                drawn = [(row[1], score, decision) for row, score, decision in zip(rows, scores, decisions)
-                         if row[0] == i and row[1] is not None]
+            for i in progress_bar(sorted({row[0] for row in rows}), desc="overlays"):
+                drawn = [
+                    (row[1], score, decision)
+                    for row, score, decision in zip(rows, scores, decisions)
+                    if row[0] == i and row[1] is not None
+                ]
                 with contextlib.suppress(*wfas_data.DECODE_ERRORS):
-                    faces.draw_overlay(faces.read_rgb(folder / paths[i]), drawn,
-                                       Path(args.save_overlays) / Path(paths[i]).with_suffix(".jpg"))
+                    face_detector.draw_overlay(
+                        face_detector.read_rgb(folder / paths[i]),
+                        drawn,
+                        Path(args.save_overlays) / Path(paths[i]).with_suffix(".jpg"),
+                    )
     counts = {name: int((decisions == name).sum()) for name in ("live", "spoof", "no_face", "undecodable")}
     if counts["undecodable"]:
-        logger.warning(f"{counts['undecodable']} of the {len(paths)} images below {folder} could not be decoded: their "
-                       "rows in the CSV have an empty score")
-    logger.info(f"Scored {len(paths)} images below {folder}: {len(rows)} rows, {counts['live']} live, "
-                f"{counts['spoof']} spoof at threshold {threshold:.6f}, {counts['no_face']} images with no face; "
-                f"wrote {csv_path}" + (f" and overlays below {args.save_overlays}" if args.save_overlays else ""))
+        logger.warning(
+            f"{counts['undecodable']} of the {len(paths)} images below {folder} could not be decoded: their "
+            "rows in the CSV have an empty score"
+        )
+    logger.info(
+        f"Scored {len(paths)} images below {folder}: {len(rows)} rows, {counts['live']} live, "
+        f"{counts['spoof']} spoof at threshold {threshold:.6f}, {counts['no_face']} images with no face; "
+        f"wrote {csv_path}" + (f" and overlays below {args.save_overlays}" if args.save_overlays else "")
+    )
     return str(csv_path)
 
 
@@ -224,7 +320,7 @@ def run_threshold(args, metadata):
     as test is scored, with --tta too), else the val EER threshold the checkpoint recorded."""
     if args.threshold is not None:
         return args.threshold
-    results = Path(args.output_dir) / common.RESULTS[args.stage]
+    results = Path(args.output_dir) / experiment_report.RESULTS[f"stage{args.stage}"]
     if args.checkpoint is None and results.is_file():
         return json.loads(results.read_text())["threshold"]
     threshold = metadata.get("val_metrics", {}).get("threshold")
@@ -236,21 +332,25 @@ def run_threshold(args, metadata):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator()
-    common.setup_logging()
-    net, metadata, checkpoint = common.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
-    img_size, face_crop_scale = int(metadata["img_size"]), float(metadata.get("face_crop_scale", 1.5))
-    logger.info(f"Scoring with {checkpoint} ({metadata['model_name']}, image size {img_size}) on "
-                f"{accelerator.num_processes} process(es)")
+    training_run.setup_logging()
+    net, metadata, checkpoint = networks.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
+    img_size = int(metadata["img_size"])
+    face_crop_scale = float(metadata.get("face_crop_scale", 1.5))
+    logger.info(
+        f"Scoring with {checkpoint} ({metadata['model_name']}, image size {img_size}) on "
+        f"{accelerator.num_processes} process(es)"
+    )
     model = accelerator.prepare(net)
     results = {}
     if args.predict_lists:
         results["submission_path"] = write_submission(args, accelerator, model, img_size, face_crop_scale)
     if args.predict_folder:
-        results["folder_predictions"] = score_folder(args, accelerator, model, img_size, face_crop_scale,
-                                                     run_threshold(args, metadata))
+        results["folder_predictions"] = score_folder(
+            args, accelerator, model, img_size, face_crop_scale, run_threshold(args, metadata)
+        )
     accelerator.wait_for_everyone()
     return results
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    run_cli(main)

@@ -1,338 +1,17 @@
-"""EXP/plots/ and EXP/report.md, from an experiment folder's files alone (results, prediction CSVs, summary.csv,
-split.csv, configs). Each stage draws them when it ends; this redraws them, e.g. after editing a plot. Also the
-operating points: thresholds fitted on val for the error rate a deployment can afford, which stage 2 reports.
+"""Redraw EXP/plots/ and EXP/report.md from an experiment folder's files alone (results, prediction CSVs,
+summary.csv, split.csv, configs), e.g. after editing a plot in experiment_report.py. Each stage draws them when
+it ends.
 
-    python tools/report.py EXP
-
-Plots need matplotlib (in requirements.txt); without it report.md is still written, with one warning.
+    python tools/report.py EXP [--force]
 """
+
 import argparse
-import csv
-import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import wfas_data  # noqa: E402
-from wfas_data import LIVE, SPLITS, SPOOF, UserError, aside, check_scores, compute_metrics, roc_auc  # noqa: E402
-
-RESULTS = {"stage1": "stage1_results.json", "stage2": "final_results.json"}
-# The error rates a deployer may afford: a threshold is fitted on val for each, and test is scored at it.
-OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
-
-
-def write_summary_row(path, row):
-    """One epoch's row added to a summary.csv (as timm's train.py keeps one), written aside and renamed. A resumed
-    run drops the rows of this epoch and later: no epoch is there twice."""
-    path = Path(path)
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < int(row["epoch"])]
-    rows.append({k: (wfas_data.format_score(v) if isinstance(v, float) else v) for k, v in row.items()})
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = aside(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
-    """For each (error, target), the val threshold that keeps that error within the target with the other as low
-    as it goes, and the val and test APCER/BPCER at it. A target below one image of its class on val cannot be
-    told from 0 there: that point is fitted to no error on val and flagged resolved=False."""
-    val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
-    if not (val_labels == LIVE).any() or not (val_labels == SPOOF).any():
-        return []
-    candidates, spoof_accepted, live_rejected = wfas_data.candidate_thresholds(val_scores, val_labels)
-    num_live, num_spoof = int((val_labels == LIVE).sum()), int((val_labels == SPOOF).sum())
-    points = []
-    for error, target in targets:
-        # errors compared in images (as rates, 1 - 99/100 exceeds 1%); 1e-9: 0.29 * 100 is 28.999999999999996
-        if error == "bpcer":  # BPCER grows with the threshold: the highest one within the target
-            num_class, index = num_live, np.flatnonzero(live_rejected <= target * num_live + 1e-9)[-1]
-        else:  # APCER falls as the threshold grows: the lowest one within the target
-            num_class, index = num_spoof, np.flatnonzero(spoof_accepted <= target * num_spoof + 1e-9)[0]
-        threshold = float(candidates[index])
-        test = wfas_data.compute_error_rates(test_scores, test_labels, threshold)
-        points.append({"target": f"{error.upper()} {target * 100:g}%", "error": error, "target_rate": target,
-                       "threshold": threshold, "val_apcer": float(spoof_accepted[index] / num_spoof),
-                       "val_bpcer": float(live_rejected[index] / num_live), "test_apcer": test["apcer"],
-                       "test_bpcer": test["bpcer"], "resolved": bool(num_class * target >= 1)})
-    return points
-
-
-def format_operating_points(points):
-    """A table to log: one line per target."""
-    lines = ["operating points (threshold fitted on val; test scored at it):"]
-    for p in points:
-        lines.append(f"  {p['target']:>10}: threshold {p['threshold']:.6f}  val APCER {p['val_apcer']:.4f} BPCER "
-                     f"{p['val_bpcer']:.4f}  test APCER {p['test_apcer']:.4f} BPCER {p['test_bpcer']:.4f}"
-                     + ("" if p["resolved"] else "  (val too small to resolve this target)"))
-    return "\n".join(lines)
-
-
-def write_all(output_dir, stages=("stage1", "stage2"), log=print, force=True):
-    """The plots of each finished stage among `stages` (without force, only those older than their inputs), then
-    report.md. Returns report.md's path."""
-    for stage in stages:
-        if (Path(output_dir) / RESULTS[stage]).is_file() and (force or not plots_up_to_date(output_dir, stage)):
-            make_plots(output_dir, stage, log)
-    return write_report(output_dir)
-
-
-def summary_files(output_dir, stage):
-    """logs/<stage>/summary.csv, or with --soft_label_folds one summary_fold<k>.csv per fold teacher."""
-    logs = Path(output_dir) / "logs" / stage
-    return [logs / "summary.csv"] if (logs / "summary.csv").is_file() else sorted(logs.glob("summary_fold*.csv"))
-
-
-def plots_up_to_date(output_dir, stage):
-    """Whether every plot of the stage is there and newer than the files it is drawn from."""
-    output_dir = Path(output_dir)
-    inputs = [output_dir / RESULTS[stage], *(summary_files(output_dir, stage) or [output_dir / "summary.csv"]),
-              *(output_dir / f"{stage}_{name}_predictions.csv" for name in ("val", "test"))]
-    names = ["training_curves", "roc_det", "score_histograms", "apcer_per_attack"]
-    if stage == "stage2" and (output_dir / "stage1_test_predictions.csv").is_file():
-        names.append("teacher_vs_student")
-        inputs.append(output_dir / "stage1_test_predictions.csv")
-    plots = [output_dir / "plots" / f"{stage}_{name}.png" for name in names]
-    if not all(path.is_file() for path in plots + inputs):
-        return False
-    return min(path.stat().st_mtime for path in plots) > max(path.stat().st_mtime for path in inputs)
-
-
-def read_predictions_csv(path):
-    """(labels, attack types, scores) of a stageN_{val,test}_predictions.csv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return (np.array([int(r["label"]) for r in rows]), np.array([r["attack_type"] for r in rows]),
-            np.array([float(r["score"]) for r in rows]))
-
-
-def error_rate_curve(scores, labels):
-    """APCER and BPCER at every threshold between the scores, from accepting all to rejecting all."""
-    scores, labels = check_scores(scores), np.asarray(labels)
-    live, spoof = np.sort(scores[labels == LIVE]), np.sort(scores[labels == SPOOF])
-    thresholds = np.concatenate([[-np.inf], np.unique(scores), [np.inf]])
-    apcer = 1 - np.searchsorted(spoof, thresholds, side="left") / max(len(spoof), 1)
-    bpcer = np.searchsorted(live, thresholds, side="left") / max(len(live), 1)
-    return apcer, bpcer
-
-
-def make_plots(output_dir, stage, log=print):
-    """EXP/plots/<stage>_*.png, from EXP's files alone: training curves (logs/<stage>/summary.csv), ROC and DET
-    on val and test with the val operating point, test score histograms, APCER per attack type (the prediction
-    CSVs) and, for stage 2, teacher vs student. Never fails the run: a missing matplotlib or a failing plot is
-    one warning. Returns the files written."""
-    try:  # Figure without pyplot: no backend to choose, nothing global changed (a notebook keeps its own)
-        from matplotlib.figure import Figure
-        from statistics import NormalDist
-    except ImportError:
-        log(f"warning: no plots for {stage}: matplotlib is not installed (pip install matplotlib)")
-        return []
-    output_dir = Path(output_dir)
-    plot_dir = output_dir / "plots"
-    written = []
-
-    def save(fig, name):
-        path = plot_dir / f"{stage}_{name}.png"
-        fig.tight_layout()
-        tmp = aside(path).with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-        written.append(path)
-
-    try:
-        results = json.loads((output_dir / RESULTS[stage]).read_text())
-        threshold = results["threshold"]
-        val, test = (read_predictions_csv(output_dir / f"{stage}_{name}_predictions.csv") for name in ("val", "test"))
-        test_metrics = compute_metrics(test[2], test[0], test[1], threshold)
-        teacher_csv = output_dir / "stage1_test_predictions.csv"
-        teacher_test = read_predictions_csv(teacher_csv) if stage == "stage2" and teacher_csv.is_file() else None
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        fig = Figure(figsize=(13, 3.6))
-        axes = fig.subplots(1, 3)
-        files = summary_files(output_dir, stage)
-        if not files:
-            raise FileNotFoundError(f"no summary.csv in {output_dir / 'logs' / stage}")
-        for path in files:  # one per fold teacher with --soft_label_folds
-            with open(path, newline="") as f:
-                summary = list(csv.DictReader(f))
-            epochs, fold = [int(r["epoch"]) for r in summary], path.stem.removeprefix("summary").replace("_", " ")
-            for key in [k for k in summary[0] if k.startswith("train_") and k != "train_images_per_second"] + [
-                    "val_loss"]:
-                if key in summary[0] and summary[0][key] != "":
-                    axes[0].plot(epochs, [float(r[key]) for r in summary], marker="o", label=key + fold)
-            for key in ("val_acer", "val_auc"):
-                axes[1].plot(epochs, [float(r[key]) for r in summary], marker="o",
-                             label=key.replace("val_", "val ") + fold)
-            axes[2].plot(epochs, [float(r["lr"]) for r in summary], marker="o", label=fold.strip() or None)
-        axes[0].set(title="loss", xlabel="epoch")
-        axes[0].legend(fontsize=8)
-        axes[1].set(title="validation", xlabel="epoch", ylim=(0, 1))
-        axes[1].legend(fontsize=8)
-        axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
-        save(fig, "training_curves")
-
-        fig = Figure(figsize=(10, 4.2))
-        roc, det = fig.subplots(1, 2)
-        deviate = NormalDist().inv_cdf
-        ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
-        for name, (labels, _, scores) in (("val", val), ("test", test)):
-            apcer, bpcer = error_rate_curve(scores, labels)
-            roc.plot(apcer, 1 - bpcer, label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
-            keep = (apcer > 0) & (apcer < 1) & (bpcer > 0) & (bpcer < 1)
-            det.plot([deviate(a) for a in apcer[keep]], [deviate(b) for b in bpcer[keep]], label=name)
-            point = compute_metrics(scores, labels, np.full(len(labels), "x"), threshold)
-            roc.plot(point["apcer"], 1 - point["bpcer"], "o", color=roc.lines[-1].get_color())
-            if 0 < point["apcer"] < 1 and 0 < point["bpcer"] < 1:
-                det.plot(deviate(point["apcer"]), deviate(point["bpcer"]), "o", color=det.lines[-1].get_color())
-        roc.set(title=f"ROC (dots: the val threshold {threshold:.3f})", xlabel="APCER (spoof accepted)",
-                ylabel="1 - BPCER (live accepted)")
-        det.set(title="DET (normal deviate axes)", xlabel="APCER", ylabel="BPCER")
-        det.set(xlim=(deviate(0.0005), deviate(0.6)), ylim=(deviate(0.0005), deviate(0.6)))
-        det.set_xticks([deviate(t) for t in ticks], [f"{t:g}" for t in ticks])
-        det.set_yticks([deviate(t) for t in ticks], [f"{t:g}" for t in ticks])
-        roc.legend(fontsize=8)
-        det.legend(fontsize=8)
-        save(fig, "roc_det")
-
-        labels, _, scores = test
-        fig = Figure(figsize=(6, 3.6))
-        axis = fig.subplots()
-        bins = np.linspace(0, 1, 41)
-        axis.hist(scores[labels == LIVE], bins, alpha=0.6, label="live")
-        axis.hist(scores[labels == SPOOF], bins, alpha=0.6, label="spoof")
-        axis.axvline(threshold, color="k", linestyle="--", label=f"val threshold {threshold:.3f}")
-        axis.set(title="test scores P(live)", xlabel="score", ylabel="images")
-        axis.legend(fontsize=8)
-        save(fig, "score_histograms")
-
-        per_attack = test_metrics["apcer_per_attack"]
-        fig = Figure(figsize=(7, 0.35 * len(per_attack) + 1.5))
-        axis = fig.subplots()
-        axis.barh(list(per_attack), list(per_attack.values()))
-        axis.set(title="test APCER per attack type at the val threshold", xlabel="APCER", xlim=(0, 1))
-        save(fig, "apcer_per_attack")
-
-        if teacher_test is not None:
-            fig = Figure(figsize=(10, 4))
-            roc, bars = fig.subplots(1, 2)
-            for name, (labels, types, scores) in (("teacher (stage 1)", teacher_test), ("student (stage 2)", test)):
-                apcer, bpcer = error_rate_curve(scores, labels)
-                roc.plot(apcer, 1 - bpcer, label=f"{name}, AUC {roc_auc(scores, labels):.3f}")
-            roc.set(title="test ROC", xlabel="APCER", ylabel="1 - BPCER")
-            roc.legend(fontsize=8)
-            teacher_metrics = compute_metrics(teacher_test[2], teacher_test[0], teacher_test[1], threshold=None)
-            names = ["acer", "apcer", "bpcer", "eer"]
-            x = np.arange(len(names))
-            bars.bar(x - 0.2, [teacher_metrics[n] for n in names], 0.4, label="teacher (its own EER point)")
-            bars.bar(x + 0.2, [test_metrics[n] for n in names], 0.4, label="student (val threshold)")
-            bars.set_xticks(x, [n.upper() for n in names])
-            bars.set(title="test error rates")
-            bars.legend(fontsize=8)
-            save(fig, "teacher_vs_student")
-    except Exception as error:  # plots are a convenience: never the reason a multi-day run fails
-        log(f"warning: plotting {stage} stopped ({type(error).__name__}: {error}); the results are unaffected")
-    return written
-
-
-def unseen_attack_section(split_source, stage1, final):
-    """report.md's lines on the attack types held out of train (--unseen_attacks): test APCER and ACER of the seen
-    and the unseen types (ACER with the BPCER of all live images), and APCER per type; none without them."""
-    unseen = split_source.get("unseen_attacks") or []
-    tests = [(name, metrics) for name, metrics in (
-        ("teacher (stage 1)", stage1 and stage1["test"]),
-        ("student (stage 2)", final and {k.removeprefix("test_"): v for k, v in final.items()})) if metrics]
-    if not unseen or not tests:
-        return []
-    lines = ["", "## Attack types never seen in training (test)", "", f"Held out of train: {', '.join(unseen)}.", "",
-             "| model | ACER (all) | seen APCER | seen ACER | unseen APCER | unseen ACER |", "|---" * 6 + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("acer", "seen_apcer", "seen_acer", "unseen_apcer",
-                                                                     "unseen_acer")) + " |" for name, m in tests]
-    types = sorted(set().union(*(m["apcer_per_attack"] for _, m in tests)))
-    lines += ["", "| attack type | " + " | ".join(f"{name}: APCER" for name, _ in tests) + " |",
-              "|---|" + "---|" * len(tests)]
-    lines += [f"| {t}{' (unseen)' if t in unseen else ''} | "
-              + " | ".join(f"{m['apcer_per_attack'].get(t, float('nan')):.4f}" for _, m in tests) + " |" for t in types]
-    return lines
-
-
-def write_report(output_dir):
-    """EXP/report.md: the key metrics of both stages, their plots, the configuration and the data, at a glance.
-    Built from the files in EXP, so either stage (or this tool) can (re)write it. Returns its path."""
-    output_dir = Path(output_dir)
-
-    def load(name):
-        path = output_dir / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    stage1, final = load("stage1_results.json"), load("final_results.json")
-    lines = [f"# WFAS experiment report: {output_dir.name}", ""]
-    rows = []
-    if stage1:
-        t = stage1["test"]
-        rows.append(("teacher (stage 1)", t["acc"], t["apcer"], t["bpcer"], t["acer"], t["auc"], t["eer"],
-                     stage1["threshold"]))
-    if final:
-        rows.append(("student (stage 2)", final["test_acc"], final["test_apcer"], final["test_bpcer"],
-                     final["test_acer"], final["test_auc"], final["test_eer"], final["threshold"]))
-    lines += ["## Test metrics (at the val EER threshold)", "",
-              "| model | ACC | APCER | BPCER | ACER | AUC | EER | threshold |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | " + " | ".join(f"{v:.4f}" for v in r[1:]) + " |" for r in rows]
-    if final:
-        lines += ["", f"Student: test ACER {final['test_acer']:.4f}, ACC {final['test_acc']:.4f}, worst-attack APCER "
-                      f"{final['test_worst_apcer']:.4f}, on {final['num_test_images']} test images; best epoch "
-                      f"{final['best_epoch']}."]
-    lines += unseen_attack_section(load("split_source.json") or {}, stage1, final)
-    if final and final.get("operating_points"):
-        lines += ["", "## Operating points of the student", "",
-                  "Thresholds fitted on val for the error a deployment can afford; test is scored at each. "
-                  "`resolved: no` means val has too few images of that class to tell the target from 0.", "",
-                  "| target | threshold | val APCER | val BPCER | test APCER | test BPCER | resolved |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['target']} | {p['threshold']:.6f} | {p['val_apcer']:.4f} | {p['val_bpcer']:.4f} | "
-                  f"{p['test_apcer']:.4f} | {p['test_bpcer']:.4f} | {'yes' if p['resolved'] else 'no'} |"
-                  for p in final["operating_points"]]
-    compute = [(name, results["compute"]) for name, results in (("teacher (stage 1)", stage1),
-                                                                  ("student (stage 2)", final))
-               if results and results.get("compute")]
-    if compute:
-        lines += ["", "## Compute budget", "", "| model | network | input | params (M) | GMACs | GFLOPs |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {c['model_name']} | {c['img_size']} | {c['params_m']:.2f} | {c['gmacs']:.3f} | "
-                  f"{c['gflops']:.3f} |" for name, c in compute]
-        lines += ["", "GFLOPs = 2 x GMACs. " + " ".join(c["challenge_limit"] for _, c in compute)]
-    plots = sorted((output_dir / "plots").glob("*.png")) if (output_dir / "plots").is_dir() else []
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    csv_path = output_dir / "split.csv"
-    if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            split_rows = list(csv.DictReader(f))
-        lines += ["", "## Data", "", "| split | images | live | spoof | subjects | attack types |",
-                  "|---|---|---|---|---|---|"]
-        for name in SPLITS:
-            part = [r for r in split_rows if r["split"] == name]
-            lines.append(f"| {name} | {len(part)} | {sum(r['label'] == str(LIVE) for r in part)} | "
-                         f"{sum(r['label'] == str(SPOOF) for r in part)} | "
-                         f"{len({(r['attack_type'], r['subject']) for r in part})} | "
-                         f"{len({r['attack_type'] for r in part if r['label'] == str(SPOOF)})} |")
-    for stage in ("stage1", "stage2"):
-        config = load(f"{stage}_config.json")
-        if config:
-            lines += ["", f"## Configuration of {stage}", "", "```json", json.dumps(config, indent=1), "```"]
-    path = output_dir / "report.md"
-    tmp = aside(path)
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+import experiment_report  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -341,14 +20,18 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="redraw every plot, even those newer than their inputs")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
-    if not any((output_dir / name).is_file() for name in RESULTS.values()):
-        raise UserError(f"{output_dir} holds no {' or '.join(RESULTS.values())}: train a stage into it first "
-                        "(accelerate launch train_stage1.py --data_root WFAS --output_dir EXP)")
-    report = write_all(output_dir, log=lambda message: print(message, file=sys.stderr), force=args.force)
+    if not any((output_dir / name).is_file() for name in experiment_report.RESULTS.values()):
+        raise UserError(
+            f"{output_dir} holds no {' or '.join(experiment_report.RESULTS.values())}: train a stage into it first "
+            "(accelerate launch train_stage1.py --data_root WFAS --output_dir EXP)"
+        )
+    report = experiment_report.write_all(
+        output_dir, log=lambda message: print(message, file=sys.stderr), force=args.force
+    )
     plots = sorted((output_dir / "plots").glob("*.png")) if (output_dir / "plots").is_dir() else []
     print(f"Wrote {report} and {len(plots)} plots in {output_dir / 'plots'}")
     return report
 
 
 if __name__ == "__main__":
-    wfas_data.run_cli(main)
+    run_cli(main)

