@@ -95,6 +95,28 @@ def create_model(model_name, img_size=None, pretrained=False, pretrained_file=No
         raise UserError(f"cannot load {weights} into {model_name}: {str(error).splitlines()[0]}") from None
 
 
+def create_from_flags(args):
+    """A stage's network from its flags: --model_name, --img_size, --pretrained, --pretrained_file,
+    --model_cache_dir, --drop_path_rate and --channels_last (NHWC memory, set before prepare())."""
+    net = create_model(
+        args.model_name,
+        args.img_size,
+        args.pretrained,
+        args.pretrained_file,
+        args.model_cache_dir,
+        args.drop_path_rate,
+    )
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def model_input(net, img_size=None):
+    """(input size, mean, std) of a timm model's input: img_size, or the model's own when None."""
+    config = timm.data.resolve_data_config({}, model=net)
+    return img_size or config["input_size"][-1], config["mean"], config["std"]
+
+
 @torch.no_grad()
 def compute_budget(net, model_name, img_size):
     """Parameters and multiply-accumulates (MACs) of one image's forward pass, counted by torch's FLOP counter

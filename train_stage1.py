@@ -264,16 +264,6 @@ def main(argv=None):
     accelerator, log_file = training_run.start(args, output_dir, STAGE)
 
     # Data and model: the main process writes split.csv and fetches the weights first, the others reuse them.
-    def new_teacher():
-        return networks.create_model(
-            args.model_name,
-            args.img_size,
-            args.pretrained,
-            args.pretrained_file,
-            args.model_cache_dir,
-            args.drop_path_rate,
-        )
-
     def load_split_and_model():
         table = wfas_data.load_or_create_split(
             args.data_root,
@@ -285,16 +275,11 @@ def main(argv=None):
             args.unseen_attacks,
             args.split_by,
         )
-        return table, new_teacher()
+        return table, networks.create_from_flags(args)
 
     table, teacher = training_run.main_process_first(accelerator, load_split_and_model)
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
-    if args.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    data_config = timm.data.resolve_data_config({}, model=teacher)
-    mean = data_config["mean"]
-    std = data_config["std"]
-    img_size = args.img_size or data_config["input_size"][-1]
+    img_size, mean, std = networks.model_input(teacher, args.img_size)
     compute = networks.compute_budget(teacher, args.model_name, img_size)
     loaders = wfas_data.Loaders(args.batch_size, args.num_workers)
     cache = None
@@ -335,9 +320,7 @@ def main(argv=None):
         if fold > 0:  # a fresh teacher, the same way: accelerate forgets the last one, whose state is saved
             accelerator.free_memory()
             set_seed(args.seed + fold)
-            teacher = new_teacher()
-            if args.channels_last:
-                teacher.to(memory_format=torch.channels_last)
+            teacher = networks.create_from_flags(args)
         trained_on = splits["train"]
         if num_folds > 1:
             trained_on = splits["train"].select(folds != fold)

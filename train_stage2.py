@@ -261,23 +261,8 @@ def main(argv=None):
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     soft_targets, num_fallback = load_soft_labels(args.soft_labels_path, splits)
 
-    def new_student():
-        return networks.create_model(
-            args.model_name,
-            args.img_size,
-            args.pretrained,
-            args.pretrained_file,
-            args.model_cache_dir,
-            args.drop_path_rate,
-        )
-
-    student = training_run.main_process_first(accelerator, new_student)
-    if args.channels_last:
-        student.to(memory_format=torch.channels_last)
-    data_config = timm.data.resolve_data_config({}, model=student)
-    mean = data_config["mean"]
-    std = data_config["std"]
-    img_size = args.img_size or data_config["input_size"][-1]
+    student = training_run.main_process_first(accelerator, lambda: networks.create_from_flags(args))
+    img_size, mean, std = networks.model_input(student, args.img_size)
     compute = networks.compute_budget(student, args.model_name, img_size)
     loaders = wfas_data.Loaders(args.batch_size, args.num_workers)
     cache = None

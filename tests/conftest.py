@@ -51,6 +51,13 @@ TINY_STAGE2 = [
 ]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (.ci/run: -n 2) each worker, and the processes it starts, computes on one thread: two
+    workers of two threads each on two cores would fight for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def run_script(args, env=None, timeout=600):
     """Run a command from the repository root; returns the CompletedProcess (text, both streams)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

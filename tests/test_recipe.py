@@ -33,6 +33,7 @@ def differ(a, b):
     return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_ema_weights_are_validated_kept_and_differ_from_the_raw_ones(demo_root, tmp_path):
     exp = tmp_path / "EXP"
     for script, tiny in ((train_stage1, ["--data_root", str(demo_root), *TINY_STAGE1]), (train_stage2, TINY_STAGE2)):

@@ -33,6 +33,7 @@ def test_the_four_notebooks_are_committed_without_outputs():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom_on_the_demo(path, tmp_path, monkeypatch):
     monkeypatch.setenv("WFAS_NOTEBOOK_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("WFAS_NOTEBOOK_QUICK", "1")  # every cell, on a smaller demo
     notebook = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
@@ -159,6 +160,7 @@ def run_all(cwd, *args, env=None):
     return run_script(["bash", str(REPO / "run_all.sh"), *args], env=full_env)
 
 
+@pytest.mark.slow
 def test_run_all_download_only_fills_both_caches_or_says_what_to_do_offline(tmp_path):
     offline = {
         "HF_ENDPOINT": "http://127.0.0.1:9",

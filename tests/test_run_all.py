@@ -6,9 +6,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import torch
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # each test runs run_all.sh
 
 SMALL_STAGE1 = "--model_name convnext_atto --num_epochs 1 --batch_size 8 --num_workers 0"
 SMALL_STAGE2 = "--num_epochs 1 --batch_size 8 --num_workers 0"

@@ -20,6 +20,7 @@ def models(*args):
     return run_script([sys.executable, "tools/models.py", *args], env=OFFLINE)
 
 
+@pytest.mark.slow
 def test_models_download_from_a_local_source_then_list_and_clear(tmp_path):
     exp = tmp_path / "EXP"
     assert "0 cached model(s)" in models("list", "--output_dir", str(exp)).stdout
@@ -62,6 +63,7 @@ def test_models_download_from_a_local_source_then_list_and_clear(tmp_path):
     assert "0 cached model(s)" in models("list", "--output_dir", str(exp)).stdout
 
 
+@pytest.mark.slow
 def test_models_errors_are_one_line(tmp_path):
     offline = models("download", "--stage", "1", "--model_name", "convnext_atto", "--output_dir", str(tmp_path))
     assert offline.returncode == 2 and "no network" in offline.stderr and "Traceback" not in offline.stderr
