@@ -9,8 +9,13 @@ uint8 input, and their ratio (target: the project at most 1.05x the bare loop's 
              cross-entropy, backward, AdamW step
 
 Both sides run the same epochs, interleaved, and the first epoch of each run (worker start, allocator warm-up) is
-left out; the figure is the median over the rest. On CUDA the bare loop is also timed in bf16, channels_last and
-torch.compile on device-resident uint8 batches, with the MFU from the counted FLOPs (3 x forward).
+left out; the figure is the median over the rest.
+
+With --recipe it times instead the recipe's own models (convnext_base, maxvit_base_tf_224 at 224) on this device
+(a GPU, else the CPU): the bare step on device-resident uint8 batches in fp32 (no TF32) and bf16, NCHW and
+channels_last, batch 32 and the largest power of two that fits, eager and torch.compile; img/s, the MFU against
+the device's peak for that precision (FLOPs counted, 3 x forward), the first step's time and the peak memory.
+benchmarks/gpu_check.sh runs it first.
 
 With --timm_train PATH (train.py of a clone of github.com/huggingface/pytorch-image-models; timm's wheel does not
 ship it) stage 1 is also timed against timm's own training script: the same split's face crops, byte-identical
@@ -57,7 +62,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
+    parser.add_argument(
+        "--recipe", action="store_true", help="only the recipe models' table on this device (benchmarks/gpu_check.sh)"
+    )
+    parser.add_argument("--recipe_models", nargs="+", default=["convnext_base", "maxvit_base_tf_224"])
+    parser.add_argument("--recipe_max_batch", type=int, default=512, help="the largest batch the table tries")
+    parser.add_argument("--recipe_steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--timm_train", help="timm's train.py (a pytorch-image-models clone): stage 1 against it too")
     return parser.parse_args(argv)
 
@@ -211,56 +221,112 @@ def timm_train_speed(args, root, exp):
     return statistics.median(speeds[1:])
 
 
-def cuda_figures(stage, args):
-    """The bare step on the GPU in fp32, bf16, bf16 + channels_last and bf16 + channels_last + torch.compile."""
-    model_name, _ = STAGES[stage]
-    kwargs = {"img_size": args.img_size} if stage == 2 else {}
-    batch = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device="cuda")
-    labels = torch.randint(0, 2, (args.batch_size,), device="cuda")
-    flops = (
-        networks.compute_budget(timm.create_model(model_name, num_classes=2, **kwargs), model_name, args.img_size)[
-            "gflops"
-        ]
-        * 1e9
-        * 3
-    )  # forward + backward, per image
-    for name, dtype, channels_last, compiled in (
-        ("fp32", None, False, False),
-        ("bf16", torch.bfloat16, False, False),
-        ("bf16 channels_last", torch.bfloat16, True, False),
-        ("bf16 channels_last compile", torch.bfloat16, True, True),
-    ):
-        model = timm.create_model(model_name, num_classes=2, **kwargs).cuda()
+# Dense peaks of an H100 / H200 SXM (TFLOP/s), for the MFU: bf16 on the tensor cores, fp32 without TF32.
+PEAK_TFLOPS = {"bf16": 989.0, "fp32": 67.0}
+
+
+def timed_steps(model, batch, labels, precision, channels_last, steps):
+    """(img/s, seconds of the first step: with torch.compile, the compile) of forward, backward and a fused AdamW
+    step on device-resident uint8 batches normalised on the device, as the stages feed the model."""
+    device = batch.device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        x = batch.float() / 255
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step_model = torch.compile(model) if compiled else model
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        def step():
-            x = batch.float() / 255
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first_step = time.perf_counter() - start
+    for _ in range(3):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    return steps * len(batch) / (time.perf_counter() - start), first_step
+
+
+def recipe_table(args):
+    """The recipe's models at their input size on one device, in the step the stages run: fp32 and bf16, NCHW
+    and channels_last, batch 32 and the largest power of two that fits, eager and torch.compile. For each: img/s,
+    the MFU against the device's peak for that precision (FLOPs counted: 3 x forward), the first step's time
+    (the compile) and the peak memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are fp32, not TF32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"Recipe models on {name} ({device}), torch {torch.__version__}, timm {timm.__version__}")
+    print("| model | precision | layout | batch | compile | img/s | MFU | first step s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    for model_name in args.recipe_models:
+        net = timm.create_model(model_name, num_classes=2)
+        img_size = networks.model_input(net)[0]
+        flops_per_image = 3 * networks.compute_budget(net, model_name, img_size)["gflops"] * 1e9
+        del net
+
+        def run(precision, channels_last, batch_size, compiled):
+            torch.manual_seed(0)
+            model = timm.create_model(model_name, num_classes=2).to(device)
             if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = F.cross_entropy(step_model(x).float(), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                model = model.to(memory_format=torch.channels_last)
+            shape = (batch_size, 3, img_size, img_size)
+            batch = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+            labels = torch.randint(0, 2, (batch_size,), device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_model = torch.compile(model) if compiled else model
+            rate, first_step = timed_steps(step_model, batch, labels, precision, channels_last, args.recipe_steps)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            mfu = rate * flops_per_image / (PEAK_TFLOPS[precision] * 1e12)
+            layout = "channels_last" if channels_last else "NCHW"
+            print(
+                f"| {model_name} | {precision} | {layout} | {batch_size} | {'yes' if compiled else 'no'} | "
+                f"{rate:.0f} | {mfu:.1%} | {first_step:.1f} | {peak:.1f} |",
+                flush=True,
+            )
+            del model, step_model, batch
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return rate
 
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        steps = 50
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        rate = steps * args.batch_size / (time.perf_counter() - start)
-        print(f"  cuda {name:<28} {rate:9.0f} img/s   MFU {rate * flops / (args.peak_tflops * 1e12):.1%}")
+        largest = 32
+        while largest * 2 <= args.recipe_max_batch:
+            try:
+                run("bf16", False, largest * 2, False)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                break
+            largest *= 2
+        run("fp32", False, 32, False)
+        eager = {}
+        for channels_last in (False, True):
+            for batch_size in sorted({32, largest}):
+                eager[channels_last, batch_size] = run("bf16", channels_last, batch_size, False)
+        best_layout = max((False, True), key=lambda layout: eager[layout, largest])
+        run("bf16", best_layout, largest, True)  # a compile takes minutes: the fastest eager setting only
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.recipe:
+        recipe_table(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "WFAS"
         make_demo.make_demo(root, subjects=args.subjects, seed=0)
@@ -309,8 +375,6 @@ def main(argv=None):
                     f"img/s {[round(t) for t in timm_script]}: the project at "
                     f"{statistics.median(project) / statistics.median(timm_script):.3f}x timm's speed"
                 )
-            if torch.cuda.is_available():
-                cuda_figures(stage, args)
 
 
 if __name__ == "__main__":
