@@ -121,3 +121,27 @@ def test_code_reads_as_people_write_it():
 def test_no_module_is_named_for_nothing():
     vague = [p for p in PROJECT if re.fullmatch(r"(utils?|common|helpers?|misc)", p.stem)]
     assert not vague, f"name these for what they hold: {vague}"
+
+
+def heading_anchors(path):
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and " " in line:
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_of_the_readme_and_the_docs_resolves():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (page.parent / file_part).resolve() if file_part else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked)):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
