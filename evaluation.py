@@ -8,9 +8,9 @@ Conventions: live = 1, spoof = 0, a score is P(live), live when score >= thresho
 import csv
 
 import numpy as np
-import timm
 import torch
 
+import networks
 from errors import UserError
 from output_files import format_score, write_with
 from progress import progress_bar
@@ -278,9 +278,7 @@ def score_table(
     loader = accelerator.prepare(
         torch.utils.data.DataLoader(dataset, batch_size=batch_size, **default_loader_settings(num_workers))
     )
-    data_config = timm.data.resolve_data_config({}, model=accelerator.unwrap_model(model))
-    mean = data_config["mean"]
-    std = data_config["std"]
+    _, mean, std = networks.model_input(accelerator.unwrap_model(model))
     probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
     scores = np.full(len(table), np.nan)
     scores[indices[ok]] = probs[ok, 1]

@@ -219,9 +219,3 @@ def load_checkpoint(checkpoint, output_dir, stage=2):
     except RuntimeError as error:
         raise UserError(f"{checkpoint} does not fit {metadata['model_name']}: {str(error).splitlines()[0]}") from None
     return net.eval(), metadata, checkpoint
-
-
-def normalisation(net):
-    """(mean, std) of the model's input, as timm's pretrained config gives them."""
-    config = timm.data.resolve_data_config({}, model=net)
-    return config["mean"], config["std"]

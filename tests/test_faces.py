@@ -242,7 +242,7 @@ def test_folder_scoring_detects_faces_where_there_is_no_bbox_file(stage2_run, po
     face = wfas_data.load_face(folder / "one.jpg", box, float(metadata["face_crop_scale"]), min_side=64)
     crop = wfas_data.eval_transform(64)(torch.from_numpy(np.array(face)).permute(2, 0, 1))
     with torch.no_grad():
-        expected = net(wfas_data.to_model_input(crop[None], *networks.normalisation(net))).softmax(-1)[0, 1].item()
+        expected = net(wfas_data.to_model_input(crop[None], *networks.model_input(net)[1:])).softmax(-1)[0, 1].item()
     assert float(one["score"]) == pytest.approx(expected, abs=1e-5)
     overlays = sorted(p.relative_to(tmp_path / "overlays").as_posix() for p in (tmp_path / "overlays").rglob("*.jpg"))
     assert overlays == ["boxed.jpg", "empty.jpg", "one.jpg", "sub/two.jpg"]

@@ -309,7 +309,7 @@ def fold_teacher_probs(exp, fold, paths):
     net.load_state_dict(load_file(exp / "checkpoints" / "stage1" / f"stage1_fold{fold}_best.safetensors"))
     images = torch.stack([wfas_data.FaceDataset(rows, 64, cache=cache)[i]["image"] for i in range(len(rows))])
     with torch.no_grad():
-        probs = net.eval()(wfas_data.to_model_input(images, *networks.normalisation(net))).softmax(-1)
+        probs = net.eval()(wfas_data.to_model_input(images, *networks.model_input(net)[1:])).softmax(-1)
     return dict(zip(rows.paths(), probs.tolist()))
 
 

@@ -107,9 +107,7 @@ def export_onnx(args, batch_size=32):
     net, metadata, checkpoint = networks.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
     img_size = int(metadata["img_size"])
     face_crop_scale = float(metadata.get("face_crop_scale", wfas_data.DEFAULT_FACE_CROP_SCALE))
-    data_config = timm.data.resolve_data_config({}, model=net)
-    mean = data_config["mean"]
-    std = data_config["std"]
+    _, mean, std = networks.model_input(net)
     threshold = metadata.get("val_metrics", {}).get("threshold")
     compute = metadata.get("compute") or networks.compute_budget(net, metadata["model_name"], img_size)
     crops, source = parity_crops(
