@@ -8,7 +8,7 @@ any folder of images. Works under `accelerate launch` too, every image counted o
 --predict_lists writes EXP/submission.txt and submission.zip (`dev/<name> <P(live)>` lines, dev before test).
 --predict_folder writes EXP/predictions_<folder name>.csv, one row per face: path, face, score, decision, the box
 (x1 y1 x2 y2), where it came from and the detector's score. A face is the bbox .txt next to an image when there is
-one, else the largest face the offline detector finds (tools/faces.py; --all_faces: every face), the crop taken
+one, else the largest face the offline detector finds (face_detector.py; --all_faces: every face), the crop taken
 around it as in training. An image with no face gets the decision no_face and no score: the whole frame, which
 the model never saw in training, is never scored; --whole_image scores every image whole, for a folder of face
 crops. Live when P(live) >= the threshold (default: the val EER point of the checkpoint's run). --save_overlays
