@@ -111,6 +111,25 @@ def create_from_flags(args):
     return net
 
 
+def compiled(net, enabled):
+    """net under torch.compile when enabled, else net itself. Both share the module and its weights: what
+    prepare(), the EMA and the checkpoints hold stays the plain module (no _orig_mod. prefix). The batch turns a
+    dynamic dimension at its second size (a last, smaller batch): each mode, train and eval, compiles about twice
+    in a run, not once per shape or epoch."""
+    if not enabled:
+        return net
+    return torch.compile(net)
+
+
+def compile_summary():
+    """What torch.compile did in this process: graphs compiled and recompilations, for the log."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    recompiles = sum(counters["recompiles"].values())
+    return f"torch.compile: {graphs} graphs compiled, {recompiles} recompilations"
+
+
 def model_input(net, img_size=None):
     """(input size, mean, std) of a timm model's input: img_size, or the model's own when None."""
     config = timm.data.resolve_data_config({}, model=net)

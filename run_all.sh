@@ -87,14 +87,17 @@ if [[ $DOWNLOAD_ONLY == 1 ]]; then
   echo "Weights cached under $OUTPUT_DIR/model/; runs with --output_dir $OUTPUT_DIR (or the same --model_cache_dir) reuse them offline"
   exit 0
 fi
-# torch's version (its build too: +cu130, +cpu), then the GPUs' names, a line each, for experiment_info.json; no
-# GPU: the launch below can be plain python. Read in the background: importing torch takes seconds, which the demo
+# torch's version (its build too: +cu130, +cpu), the GPUs' mixed precision (bf16 from Ampere on, else fp16 with
+# loss scaling; empty without a GPU), then the GPUs' names, a line each, for experiment_info.json; no GPU: the
+# launch below can be plain python. Read in the background: importing torch takes seconds, which the demo
 # data's generation, on one core, hides.
 GPU_CHECK_FILE="$(mktemp)" GPU_CHECK_ERRORS="$(mktemp)"
 trap 'rm -f "$GPU_CHECK_FILE" "$GPU_CHECK_ERRORS"' EXIT
 "$PYTHON" -c 'import torch
 print(torch.__version__)
-for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0): print(torch.cuda.get_device_name(i))' \
+gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print("bf16" if gpus and torch.cuda.is_bf16_supported() else "fp16" if gpus else "")
+for i in range(gpus): print(torch.cuda.get_device_name(i))' \
   > "$GPU_CHECK_FILE" 2> "$GPU_CHECK_ERRORS" &
 GPU_CHECK_PID=$!
 if [[ -z $DATA_ROOT && -z $CONFIG1 && -z $CONFIG2 ]]; then
@@ -213,9 +216,21 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_con
 wait "$GPU_CHECK_PID" \
   || fail "$PYTHON cannot import torch ($(tail -n 1 "$GPU_CHECK_ERRORS")): pip install -r requirements.txt"
 cat "$GPU_CHECK_ERRORS" >&2  # torch's warnings, if any (an NVIDIA driver too old for this build...), as before
-TORCH_AND_GPUS="$(<"$GPU_CHECK_FILE")"
-GPUS="$(tail -n +2 <<< "$TORCH_AND_GPUS")"
-if [[ -z $GPUS ]]; then
+TORCH_VERSION="$(sed -n 1p "$GPU_CHECK_FILE")"
+GPU_PRECISION="$(sed -n 2p "$GPU_CHECK_FILE")"
+GPUS="$(tail -n +3 "$GPU_CHECK_FILE")"
+TORCH_AND_GPUS="$(printf '%s\n%s' "$TORCH_VERSION" "$GPUS")"
+if [[ -n $GPUS ]]; then
+  NUM_GPUS="$(wc -l <<< "$GPUS")"
+  if [[ -n ${ACCELERATE_ARGS:-} || -f $ACCELERATE_CONFIG ]]; then
+    echo "=== $NUM_GPUS GPU(s): launched as ACCELERATE_ARGS and the accelerate config say (${ACCELERATE_ARGS:-$ACCELERATE_CONFIG}) ==="
+  else
+    # accelerate's own defaults would train in fp32, about half the speed of bf16 on these models (docs/performance.md)
+    ACCELERATE_ARGS="--num_processes $NUM_GPUS --mixed_precision $GPU_PRECISION --num_machines 1 --dynamo_backend no"
+    [[ $NUM_GPUS -gt 1 ]] && ACCELERATE_ARGS="--multi_gpu $ACCELERATE_ARGS"
+    echo "=== $NUM_GPUS GPU(s) ($(head -n 1 <<< "$GPUS")): every GPU, mixed precision $GPU_PRECISION; set ACCELERATE_ARGS or an accelerate config to choose otherwise ==="
+  fi
+else
   if [[ -z ${ACCELERATE_ARGS:-} && ! -f $ACCELERATE_CONFIG ]]; then
     # one process on the CPU and no accelerate config: all that accelerate launch would set up is the thread count,
     # and its own start costs 6 s a call here, so the stages run under plain python, on all the cores

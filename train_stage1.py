@@ -120,8 +120,16 @@ def build_parser():
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
     group.add_argument(
         "--channels_last",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="NHWC memory layout: faster convolutions with AMP on GPUs, and for MaxViT on CPU (docs/performance.md)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model for training and evaluation: faster steps on GPUs after a compile of a "
+        "minute or more per mode (docs/performance.md); checkpoints hold the plain model's weights",
     )
 
     group = parser.add_argument_group("training")
@@ -339,6 +347,10 @@ def main(argv=None):
         model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
         set_seed(args.seed + fold, device_specific=True)
         ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
+        forward = networks.compiled(model, args.compile)
+        validated = forward
+        if ema is not None:
+            validated = networks.compiled(ema.module, args.compile)
         updates_per_epoch, total_updates = training_run.count_updates(args, len(train_loader))
         scheduler = build_scheduler(optimizer, args, updates_per_epoch, total_updates)
         state, skip_batches = checkpoints.resume(args, updates_per_epoch)
@@ -371,7 +383,7 @@ def main(argv=None):
                 with accelerator.accumulate(model):
                     images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
                     # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
-                    loss = losses.cross_entropy(model(images), batch["label"], weights=batch["ok"].float())
+                    loss = losses.cross_entropy(forward(images), batch["label"], weights=batch["ok"].float())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -385,9 +397,7 @@ def main(argv=None):
             train = meter.finish()
 
             # The best teacher: the lowest val ACER.
-            val, _ = evaluation.evaluate(
-                ema or model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn
-            )
+            val, _ = evaluation.evaluate(validated, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
             state["epoch"] = epoch
             state["images_done"] = 0
             improved = val["acer"] < state["best_val_acer"]
@@ -406,12 +416,12 @@ def main(argv=None):
 
         # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
         fold_val, rows = evaluation.evaluate(
-            model, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
+            forward, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
         )
         val_rows.append(rows)
         test_loader = accelerator.prepare(loaders.make(eval_sets["test"]))
         _, rows = evaluation.evaluate(
-            model, test_loader, splits["test"], accelerator, mean, std, tta=args.tta, desc="test", log_warning=warn
+            forward, test_loader, splits["test"], accelerator, mean, std, tta=args.tta, desc="test", log_warning=warn
         )
         test_rows.append(rows)
 
@@ -420,7 +430,7 @@ def main(argv=None):
         soft_dataset = wfas_data.FaceDataset(labelled, img_size, face_crop_scale=args.face_crop_scale, cache=cache)
         soft_loader = accelerator.prepare(loaders.make(soft_dataset))
         probs, indices, ok = evaluation.predict_probs(
-            model, soft_loader, accelerator, mean, std, args.tta, "soft labels", warn
+            forward, soft_loader, accelerator, mean, std, args.tta, "soft labels", warn
         )
         paths = labelled.paths()
         soft_labels.update({paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices[ok], probs[ok])})
@@ -451,6 +461,8 @@ def main(argv=None):
     teacher_name = f"Best epoch {best_fold['best_epoch']}"
     if num_folds > 1:
         teacher_name = f"Teacher (mean of {num_folds} fold teachers)"
+    if args.compile:
+        logger.info(networks.compile_summary())
     logger.info(f"{teacher_name}: val {evaluation.format_metrics(best_val)}")
     logger.info(f"Teacher test at val threshold {best_val['threshold']:.4f}: {evaluation.format_metrics(test, True)}")
 

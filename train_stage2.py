@@ -78,7 +78,18 @@ def build_parser():
     group.add_argument("--pretrained_file", help="local .safetensors or .pth weights to start from")
     group.add_argument("--model_cache_dir", help="as for stage 1 (default: EXP/model/stage2/<model>)")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth")
-    group.add_argument("--channels_last", action="store_true", help="NHWC memory layout (as for stage 1)")
+    group.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="NHWC memory layout (as for stage 1)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model for training and evaluation (as for stage 1)",
+    )
 
     group = parser.add_argument_group("losses (a term's weight: --<term>_weight; see losses.STAGE2_TERMS)")
     group.add_argument("--focal_weight", type=float, default=1.0, help="weight of the focal loss")
@@ -309,6 +320,10 @@ def main(argv=None):
     set_seed(args.seed, device_specific=True)
     checkpoints = Checkpoints(accelerator, output_dir, STAGE)
     ema = checkpoints.track_ema(net, args.model_ema_decay)  # when on, what is validated, kept and deployed
+    forward = networks.compiled(model, args.compile)
+    validated = forward
+    if ema is not None:
+        validated = networks.compiled(ema.module, args.compile)
     soft_targets = soft_targets.to(accelerator.device)
     updates_per_epoch, total_updates = training_run.count_updates(args, len(train_loader))
     scheduler = build_scheduler(optimizer, args, updates_per_epoch, total_updates)
@@ -339,7 +354,7 @@ def main(argv=None):
         for batch in meter.timed(batches):
             with accelerator.accumulate(model):
                 images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
-                logits, embeddings = model(images)
+                logits, embeddings = forward(images)
                 targets = soft_targets[batch["index"]]
                 weights = batch["ok"].float()  # undecodable images weigh 0
                 loss, parts = criterion(logits, embeddings, batch["label"], targets, weights=weights)
@@ -356,7 +371,7 @@ def main(argv=None):
         train = meter.finish()
 
         # The best student: the lowest val ACER.
-        val, _ = evaluation.evaluate(ema or model, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
+        val, _ = evaluation.evaluate(validated, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
         state["epoch"] = epoch
         state["images_done"] = 0
         improved = val["acer"] < state["best_val_acer"]
@@ -375,11 +390,11 @@ def main(argv=None):
 
     # The threshold is the EER point of the best model on val; test is scored at it, never fitted on test.
     val, val_rows = evaluation.evaluate(
-        model, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
+        forward, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
     )
     test_loader = accelerator.prepare(loaders.make(datasets["test"]))
     test, test_rows = evaluation.evaluate(
-        model,
+        forward,
         test_loader,
         splits["test"],
         accelerator,
@@ -416,6 +431,8 @@ def main(argv=None):
         **run_log.totals(),
         "compute": compute,
     }
+    if args.compile:
+        logger.info(networks.compile_summary())
     logger.info(f"Best epoch {results['best_epoch']}: val {evaluation.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {evaluation.format_metrics(test, True)}")
     logger.info(evaluation.format_operating_points(operating_points))

@@ -17,16 +17,28 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 
 import networks
 import wfas_data
-from errors import UserError
+from errors import UserError, end_with_other_processes
 from evaluation import format_metrics
 from output_files import aside, format_score, write_json
 from progress import progress_bar
 
 logger = get_logger(__name__)
+
+# The longest a process waits in a collective for the others. The slowest legitimate wait is at the start: the
+# main process indexing WFAS's 488k training images on a network file system and fetching the weights while the
+# others wait (docs/clusters.md says how to do both ahead of time). NCCL's own default, 10 minutes, is too short
+# for that; a failure on another process ends the run at once anyway (errors.end_with_other_processes).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 # Flags that control one invocation rather than describe the experiment; they stay out of <stage>_config.json.
 RUN_CONTROL_KEYS = ("config", "resume_from_checkpoint")
@@ -98,9 +110,12 @@ def start(args, output_dir, stage):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # the same shuffle on every resume, so that --resume_from_checkpoint continues the same run
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # the same shuffle on every resume, so that --resume_from_checkpoint continues the same run; copies to the
+        # GPU from pinned memory that do not wait for the step before them
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
     )
+    end_with_other_processes()
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
 

@@ -13,9 +13,13 @@ is printed apart, since on a GPU they take microseconds per batch.
 
     python benchmarks/benchmark_loader.py [--n 300] [--img_size 224]
     python benchmarks/benchmark_loader.py --write_tree DIR --images 20000 [--size 1280x720]   # an end-to-end tree
+    python benchmarks/benchmark_loader.py --node 8 [--n 2000]    # the cache through the training loader, with the
+                                                  # workers this node gives each of 8 processes (sched_getaffinity)
 """
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -98,6 +102,37 @@ def rate(load_batch, paths, batch_size=32):
     return len(paths) / (time.perf_counter() - start)
 
 
+def node_rate(n, img_size, processes, epochs=3):
+    """The face cache read through the stages' DataLoader (wfas_data.Loaders: its workers, prefetch and pinned
+    memory) with the workers one of `processes` processes gets on this node; the first epoch is left out."""
+    os.environ["LOCAL_WORLD_SIZE"] = str(processes)
+    loaders = wfas_data.Loaders(batch_size=32)
+    workers = loaders.settings["num_workers"]
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        names = []
+        for i in range(n):
+            names.append(f"{i:05d}.jpg")
+            write_photo(folder / names[-1], 1280, 720, 240, seed=i)
+        table = wfas_data.unlabelled_table(folder, names)
+        cache = face_cache.build_face_cache(table, folder / "cache", img_size, workers=workers, log=lambda _: None)
+        dataset = wfas_data.FaceDataset(table, img_size, train_stage1.train_transform(img_size), cache=cache)
+        loader = loaders.make(dataset, shuffle=True, persistent=True)
+        rates = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            images = sum(len(batch["image"]) for batch in loader)
+            rates.append(images / (time.perf_counter() - start))
+        wfas_data.Loaders.shut_down(loader)
+    per_process = statistics.median(rates[1:])
+    print(
+        f"training loader from the face cache, {img_size}px: {cores} cores given to {processes} process(es), "
+        f"{workers} workers each: {per_process:.0f} img/s per process, {per_process * processes:.0f} img/s for "
+        f"the node (median of epochs 2-{epochs}, {n} images)"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300, help="images per size and pipeline")
@@ -105,7 +140,13 @@ def main():
     parser.add_argument("--write_tree", help="only write a generated WFAS tree of --images photos there")
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--size", default="1280x720", help="photo size of --write_tree")
+    parser.add_argument(
+        "--node", type=int, metavar="PROCESSES", help="only the training loader's rate from the face cache, per process"
+    )
     args = parser.parse_args()
+    if args.node:
+        node_rate(args.n, args.img_size, args.node)
+        return
     if args.write_tree:
         width, height = map(int, args.size.split("x"))
         start = time.time()

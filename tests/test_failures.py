@@ -1,0 +1,42 @@
+"""A failure on one of several processes ends every process quickly, each with the same line: 2 gloo processes,
+the last one failing at each point where a run can fail (tests/inject_failure.py)."""
+
+import time
+
+import pytest
+
+from conftest import REPO, TINY_STAGE1, run_script, two_process_command
+
+pytestmark = pytest.mark.slow  # each test launches two processes
+
+
+@pytest.mark.parametrize(
+    ("point", "line"),
+    [
+        ("face_cache", "error: cannot read Train/living/000007/0001.jpg (Input/output error); the split lists it"),
+        ("batch_check", "error: cannot read Train/living/000007/0001.jpg (Input/output error); the split lists it"),
+        ("training", "error: process 1 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)
+def test_one_failing_process_ends_them_all(demo_root, tmp_path, point, line):
+    face_cache = ["--face_cache"] if point == "face_cache" else ["--no-face_cache"]
+    flags = ["--data_root", str(demo_root), "--output_dir", str(tmp_path / "exp"), *TINY_STAGE1, *face_cache]
+    command = two_process_command("tests/inject_failure.py", [point, str(REPO / "train_stage1.py"), *flags])
+    started = time.time()
+
+    result = run_script(command, env={"ACCELERATE_USE_CPU": "1"}, timeout=300)
+
+    seconds = time.time() - started
+    assert result.returncode != 0
+    lines = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert len(lines) == 2, result.stdout[-2000:] + result.stderr[-4000:]  # one per process
+    assert lines[0] == lines[1]
+    assert lines[0].startswith(line)
+    assert seconds < 60, f"{seconds:.0f} s"
+    # a user error: no traceback from our code (the launcher prints its own for any failed process); a crash
+    # keeps its traceback, once, on the process that met it
+    frames = result.stderr.count(f'File "{REPO}/train_stage1.py"')
+    if point == "training":
+        assert frames == 1
+    else:
+        assert frames == 0
