@@ -13,6 +13,17 @@ around it as in training. An image with no face gets the decision no_face and no
 the model never saw in training, is never scored; --whole_image scores every image whole, for a folder of face
 crops. Live when P(live) >= the threshold (default: the val EER point of the checkpoint's run). --save_overlays
 DIR draws each face's box, P(live) and decision on a copy of its image.
+
+    python tools/predict.py --output_dir EXP --predict_video clip.mp4 [--save_video overlay.mp4]
+    python tools/predict.py --output_dir EXP --predict_video 0 --max_frames 300     # the local webcam 0
+
+--predict_video reads a video file, or a camera by its index, through OpenCV: each frame's faces are detected,
+the largest is followed across frames (liveness.StreamDecision) and scored, its P(live) smoothed over time (an
+exponential moving average, --smoothing of the newest frame) and decided once its track is --min_frames long.
+It writes EXP/video_<name>.csv (a row per frame: time, box, P(live), the smoothed P(live), the decision) and
+gives the clip's decision: the decision of most of its decided frames. --save_video draws them on the frames.
+--onnx scores with an export of tools/export_onnx.py (fp32 or INT8) instead of the checkpoint, for
+--predict_folder and --predict_video.
 """
 
 import argparse
@@ -20,6 +31,7 @@ import contextlib
 import csv
 import json
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -30,6 +42,7 @@ from accelerate.utils import broadcast_object_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluation  # noqa: E402
+import liveness  # noqa: E402
 import experiment_report  # noqa: E402
 import face_cache  # noqa: E402
 import face_detector  # noqa: E402
@@ -54,6 +67,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--predict_folder", metavar="DIR", help="score every image below DIR into EXP/predictions_<DIR name>.csv"
     )
+    parser.add_argument("--predict_video", metavar="FILE|INDEX", help="a video file, or a camera index (0, 1...)")
+    parser.add_argument("--onnx", help="an ONNX export (fp32 or INT8) to score with instead of the checkpoint")
+    parser.add_argument("--smoothing", type=float, default=0.3, help="--predict_video: weight of the newest frame")
+    parser.add_argument(
+        "--min_frames", type=int, default=5, help="--predict_video: frames of a face it takes to decide"
+    )
+    parser.add_argument("--save_video", metavar="FILE.mp4", help="--predict_video: the frames with the decisions")
+    parser.add_argument("--max_frames", type=int, help="--predict_video: stop after this many frames (a camera)")
     parser.add_argument(
         "--all_faces", action="store_true", help="--predict_folder: a row for every detected face, not only the largest"
     )
@@ -99,10 +120,15 @@ def parse_args(argv=None):
     )
     parser.add_argument("--face_cache_dir", help="where face caches live (default: EXP/face_cache)")
     args = parser.parse_args(argv)
-    if not (args.predict_lists or args.predict_folder):
+    if not (args.predict_lists or args.predict_folder or args.predict_video):
         raise UserError(
-            "nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt) or --predict_folder DIR"
+            "nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt), --predict_folder DIR "
+            "or --predict_video FILE"
         )
+    if args.onnx and args.predict_lists:
+        raise UserError("--onnx scores --predict_folder and --predict_video; the submission uses the checkpoint")
+    if not 0 < args.smoothing <= 1:
+        raise UserError(f"--smoothing {args.smoothing}: the newest frame's weight lies in (0, 1]")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold {args.threshold} is not a probability: P(live) lies in [0, 1]")
     args.face_cache_dir = args.face_cache_dir or str(Path(args.output_dir) / "face_cache")
@@ -329,11 +355,127 @@ def run_threshold(args, metadata):
     return threshold
 
 
+def score_video(args, model, threshold):
+    """EXP/video_<name>.csv, a row per frame, and the clip's decision (see the docstring)."""
+    import cv2
+
+    source = int(args.predict_video) if args.predict_video.isdigit() else args.predict_video
+    if isinstance(source, str) and not Path(source).is_file():
+        raise UserError(f"--predict_video {source}: no such file (a camera is given by its index: 0, 1...)")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        raise UserError(f"--predict_video {args.predict_video}: OpenCV cannot open it as a video or a camera")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames_in_file = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if isinstance(source, str) else 0
+    detector = face_detector.FaceDetector(args.min_face_score)
+    stream = liveness.StreamDecision(threshold, args.smoothing, args.min_frames)
+    writer = None
+    rows = []
+    started = time.perf_counter()
+    progress = progress_bar(total=args.max_frames or frames_in_file or None, desc="video", unit="frame")
+    while args.max_frames is None or len(rows) < args.max_frames:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        rgb = np.ascontiguousarray(frame[:, :, ::-1])
+        face = stream.follow(liveness.detect_faces(detector, rgb))
+        p_live = np.nan
+        smoothed = np.nan
+        if face is None:
+            decision = stream.missed_frame()
+        else:
+            p_live = float(model.score(model.crops(rgb, [face]))[0])
+            smoothed, decision = stream.update(p_live)
+        rows.append((len(rows), len(rows) / fps, face, p_live, smoothed, decision, stream.tracks))
+        if args.save_video:
+            if writer is None:
+                Path(args.save_video).parent.mkdir(parents=True, exist_ok=True)
+                size = (frame.shape[1], frame.shape[0])
+                writer = cv2.VideoWriter(args.save_video, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+            writer.write(draw_frame(frame, face, smoothed, decision))
+        progress.update(1)
+    progress.close()
+    seconds = time.perf_counter() - started
+    capture.release()
+    if writer is not None:
+        writer.release()
+    if not rows:
+        raise UserError(f"--predict_video {args.predict_video}: no frame could be read")
+
+    name = "camera" + str(source) if isinstance(source, int) else Path(source).stem
+    csv_path = Path(args.output_dir) / f"video_{name}.csv"
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                ["frame", "time_s", "track", "x1", "y1", "x2", "y2", "detector_score", "p_live", "p_live_smoothed"]
+                + ["decision"]
+            )
+            for index, time_s, face, p_live, smoothed, decision, track in rows:
+                box = [f"{v:.1f}" for v in face.box] if face else [""] * 4
+                detector_score = f"{face.detector_score:.4f}" if face else ""
+                scores = ["" if np.isnan(v) else format_score(v) for v in (p_live, smoothed)]
+                writer.writerow(
+                    [index, f"{time_s:.3f}", track if face else "", *box, detector_score, *scores, decision]
+                )
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    write_with(csv_path, write)
+    decided = [row[5] for row in rows if row[5] in ("live", "spoof")]
+    clip = "no_face"
+    if decided:
+        clip = max(("live", "spoof"), key=decided.count)
+    elif any(row[2] for row in rows):
+        clip = "undecided"
+    logger.info(
+        f"Scored {len(rows)} frames of {args.predict_video} at {len(rows) / seconds:.1f} frames/s: clip decision "
+        f"{clip} ({decided.count('live')} live, {decided.count('spoof')} spoof, "
+        f"{sum(row[5] == 'no_face' for row in rows)} without a face, threshold {threshold:.4f}); wrote {csv_path}"
+        + (f" and {args.save_video}" if args.save_video else "")
+    )
+    return {"video_predictions": str(csv_path), "clip_decision": clip, "frames": len(rows), "fps": len(rows) / seconds}
+
+
+def draw_frame(frame, face, smoothed, decision):
+    """A BGR frame with the followed face's box, its smoothed P(live) and the decision."""
+    import cv2
+
+    colour = {"live": (60, 200, 40), "spoof": (40, 40, 230)}.get(decision, (0, 200, 240))
+    drawn = frame.copy()
+    label = decision
+    if face is not None:
+        x1, y1, x2, y2 = (round(v) for v in face.box)
+        cv2.rectangle(drawn, (x1, y1), (x2, y2), colour, max(2, frame.shape[1] // 300))
+        label = f"{decision} P(live) {smoothed:.3f}"
+    cv2.putText(drawn, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, colour, 2)
+    return drawn
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator()
     training_run.setup_logging()
-    net, metadata, checkpoint = networks.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
+    results = {}
+    if args.predict_video:
+        model = liveness.LivenessModel.load(args.output_dir, args.stage, args.checkpoint, args.onnx)
+        threshold = model.threshold
+        if args.threshold is not None:
+            threshold = args.threshold
+        logger.info(
+            f"Scoring with {model.source} ({model.name}, image size {model.img_size}), threshold {threshold:.4f}"
+        )
+        results.update(score_video(args, model, threshold))
+        if not (args.predict_folder or args.predict_lists):
+            return results
+    if args.onnx:
+        if accelerator.num_processes > 1:
+            raise UserError(f"--onnx scores in one process: python tools/predict.py --onnx {args.onnx} ...")
+        net = liveness.OnnxNetwork(args.onnx)
+        metadata = net.metadata
+        checkpoint = Path(args.onnx)
+    else:
+        net, metadata, checkpoint = networks.load_checkpoint(args.checkpoint, args.output_dir, args.stage)
     img_size = int(metadata["img_size"])
     face_crop_scale = float(metadata.get("face_crop_scale", 1.5))
     logger.info(
@@ -341,7 +483,6 @@ def main(argv=None):
         f"{accelerator.num_processes} process(es)"
     )
     model = accelerator.prepare(net)
-    results = {}
     if args.predict_lists:
         results["submission_path"] = write_submission(args, accelerator, model, img_size, face_crop_scale)
     if args.predict_folder:
