@@ -85,6 +85,8 @@ def slurm(tmp_path):
         assert time.time() < deadline, (folder / "slurmctld.log").read_text()[-2000:]
         time.sleep(1)
     yield env
+    # a failed test may leave its job running: end it before the daemons, so that no training outlives the test
+    subprocess.run(["scancel", "--partition=debug"], env=env, capture_output=True, timeout=60, check=False)
     for pid_file in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
         path = folder / pid_file
         if path.is_file():
