@@ -16,6 +16,11 @@ WAIT_FOR_OTHERS_SECONDS = 10
 POLL_SECONDS = 0.5
 
 _announced = threading.Event()
+# Set when the program's main() has returned or raised. The watcher must have ended before the interpreter
+# finalizes: a daemon thread still inside a store call then is ended by pthread_exit, whose unwinding through
+# pybind11's noexcept GIL guard aborts the process ("terminate called without an active exception").
+_finished = threading.Event()
+_watchers = []
 
 
 class UserError(Exception):
@@ -54,6 +59,8 @@ def run_cli(main):
         line = f"error: process {rank} failed: {type(error).__name__}: {summary} ({where})"
         _announce(line)
         sys.exit(1)
+    finally:
+        _stop_watching()
 
 
 def end_with_other_processes():
@@ -61,12 +68,21 @@ def end_with_other_processes():
     store = _process_group_store()
     if store is None:
         return
-    threading.Thread(target=_watch, args=(store,), name="end_with_other_processes", daemon=True).start()
+    watcher = threading.Thread(target=_watch, args=(store,), name="end_with_other_processes", daemon=True)
+    watcher.start()
+    _watchers.append(watcher)
+
+
+def _stop_watching():
+    _finished.set()
+    for watcher in _watchers:
+        watcher.join(timeout=5 * POLL_SECONDS)
 
 
 def _watch(store):
-    while not _announced.is_set():
-        time.sleep(POLL_SECONDS)
+    while not _finished.wait(POLL_SECONDS):
+        if _announced.is_set():
+            return
         try:
             if not store.check([ERROR_KEY]) or _announced.is_set():
                 continue
