@@ -1,6 +1,8 @@
 """--compile on the CPU (inductor with the system's C compiler): both stages train and evaluate compiled, with
 timm's test models of the recipe's families, and what they save is the plain model's weights."""
 
+import re
+
 import pytest
 import timm
 from safetensors.torch import load_file
@@ -30,6 +32,10 @@ def test_both_stages_train_and_evaluate_compiled(demo_root, tmp_path):
     assert 0 <= teacher["test"]["acer"] <= 1 and 0 <= student["test_acer"] <= 1
     logs = {stage: next((exp / "logs" / stage).glob("*.log")).read_text() for stage in ("stage1", "stage2")}
     assert "torch.compile:" in logs["stage1"] and "torch.compile:" in logs["stage2"]
+    # one teacher's train and eval graphs (2 each: the full batch, then the last one's), which the second fold
+    # teacher and the second epoch reuse; recompiling per fold or epoch would give 8 or more
+    graphs = int(re.search(r"torch.compile: (\d+) graphs", logs["stage1"]).group(1))
+    assert graphs <= 5, logs["stage1"]
     for net, path in [
         (timm.create_model("test_convnext", num_classes=2), exp / "checkpoints" / "stage1" / "stage1_best.safetensors"),
         (
