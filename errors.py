@@ -15,11 +15,11 @@ PRINTED_KEY = "wfas/error_printed"
 WAIT_FOR_OTHERS_SECONDS = 10
 POLL_SECONDS = 0.5
 
-_announced = threading.Event()
-# Set when the program's main() has returned or raised. The watcher must have ended before the interpreter
-# finalizes: a daemon thread still inside a store call then is ended by pthread_exit, whose unwinding through
-# pybind11's noexcept GIL guard aborts the process ("terminate called without an active exception").
-_finished = threading.Event()
+# Set when this process announces its own error, or its main() has returned or raised: the watcher stops. It must
+# have ended before the interpreter finalizes: a daemon thread still inside a store call then is ended by
+# pthread_exit, whose unwinding through pybind11's noexcept GIL guard aborts the process ("terminate called
+# without an active exception").
+_stop = threading.Event()
 _watchers = []
 
 
@@ -74,17 +74,15 @@ def end_with_other_processes():
 
 
 def _stop_watching():
-    _finished.set()
+    _stop.set()
     for watcher in _watchers:
         watcher.join(timeout=5 * POLL_SECONDS)
 
 
 def _watch(store):
-    while not _finished.wait(POLL_SECONDS):
-        if _announced.is_set():
-            return
+    while not _stop.wait(POLL_SECONDS):
         try:
-            if not store.check([ERROR_KEY]) or _announced.is_set():
+            if not store.check([ERROR_KEY]) or _stop.is_set():
                 continue
             message = store.get(ERROR_KEY).decode()
             sys.stdout.flush()
@@ -125,7 +123,7 @@ def _announce(message):
         print(message, file=sys.stderr, flush=True)
         return
     world_size = sys.modules["torch.distributed"].get_world_size()
-    _announced.set()
+    _stop.set()
     try:
         message = store.compare_set(ERROR_KEY, "", message).decode()
     except Exception:  # no store to tell the others through: they end by their launcher or their timeout
