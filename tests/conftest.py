@@ -34,6 +34,26 @@ TINY_STAGE1 = [
     "--learning_rate",
     "1e-3",
 ]
+# timm's test_convnext (0.2 M parameters) at 64 px: a whole run of a stage in about two seconds, for the fast tier's
+# end-to-end contracts (the files and numbers a run writes); the recipe's own small models train in the slow tier.
+# Without the face cache, whose JPEG crops differ slightly from the photo's: the tests score the photos themselves
+# (tests/test_face_cache.py holds the cache to the photos' scores).
+QUICK_STAGE = [
+    "--no-face_cache",
+    "--model_name",
+    "test_convnext",
+    "--no-pretrained",
+    "--img_size",
+    "64",
+    "--num_epochs",
+    "1",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--learning_rate",
+    "1e-3",
+]
 TINY_STAGE2 = [
     "--model_name",
     "maxvit_rmlp_pico_rw_256",
@@ -146,3 +166,102 @@ def stage2_run(stage1_run, demo_root, tmp_path_factory):
         )
     )
     return exp, results
+
+
+@pytest.fixture(scope="session")
+def quick_stage1_run(demo_root, tmp_path_factory):
+    """Stage 1 with timm's test_convnext: the fast tier's end-to-end run. Read it, never write into it."""
+    import train_stage1
+
+    exp = tmp_path_factory.mktemp("quick1") / "EXP"
+    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *QUICK_STAGE])
+    return exp, results
+
+
+@pytest.fixture(scope="session")
+def quick_stage2_run(quick_stage1_run, demo_root, tmp_path_factory):
+    """Stage 2 with test_convnext on a copy of quick_stage1_run, then its submission of the Dev and Test lists."""
+    import train_stage2
+    from tools import predict
+
+    exp = tmp_path_factory.mktemp("quick2") / "EXP"
+    shutil.copytree(quick_stage1_run[0], exp)
+    results = train_stage2.main(["--output_dir", str(exp), *QUICK_STAGE])
+    lists = [str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")]
+    submission = ["--output_dir", str(exp), "--num_workers", "0", "--no-face_cache", "--predict_lists", *lists]
+    results.update(predict.main(submission))
+    return exp, results
+
+
+def saved_model_probabilities(checkpoint, table):
+    """[P(spoof), P(live)] of each image of a table by a saved best checkpoint, computed here: the plain timm model
+    from its file, each eval crop normalised by hand, one image at a time, in float64."""
+    import timm
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import wfas_data
+
+    with safe_open(checkpoint, framework="pt") as f:
+        metadata = f.metadata()
+    net = timm.create_model(metadata["model_name"], num_classes=2)
+    net.load_state_dict(load_file(checkpoint))
+    net = net.double().eval()
+    mean = torch.tensor(net.pretrained_cfg["mean"], dtype=torch.float64)[:, None, None]
+    std = torch.tensor(net.pretrained_cfg["std"], dtype=torch.float64)[:, None, None]
+    dataset = wfas_data.FaceDataset(
+        table, int(metadata["img_size"]), face_crop_scale=float(metadata["face_crop_scale"])
+    )
+    probabilities = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            image = (dataset[i]["image"].double() / 255 - mean) / std
+            probabilities.append(torch.softmax(net(image[None])[0], dim=0))
+    return torch.stack(probabilities).numpy()
+
+
+def metrics_by_loop(scores, labels, attack_types, threshold, unseen=()):
+    """APCER, BPCER, ACER, ACC and the APCER of each attack type at a threshold, one image at a time (live = 1,
+    taken for live when score >= threshold): the tests' reference for every reported metric."""
+    spoof_seen = {}
+    spoof_accepted = {}
+    live = 0
+    live_rejected = 0
+    right = 0
+    for score, label, attack in zip(scores, labels, attack_types):
+        taken_for_live = score >= threshold
+        right += int(taken_for_live == (label == 1))
+        if label == 1:
+            live += 1
+            live_rejected += int(not taken_for_live)
+        else:
+            spoof_seen[attack] = spoof_seen.get(attack, 0) + 1
+            spoof_accepted[attack] = spoof_accepted.get(attack, 0) + int(taken_for_live)
+    apcer = sum(spoof_accepted.values()) / sum(spoof_seen.values())
+    bpcer = live_rejected / live
+    per_attack = {attack: spoof_accepted[attack] / spoof_seen[attack] for attack in spoof_seen}
+    result = {
+        "acc": right / len(labels),
+        "apcer": apcer,
+        "bpcer": bpcer,
+        "acer": (apcer + bpcer) / 2,
+        "apcer_per_attack": per_attack,
+        "worst_apcer": max(per_attack.values()),
+    }
+    for name, wanted in (("seen", False), ("unseen", True)):
+        attacks = [a for a in spoof_seen if (a in unseen) == wanted]
+        if unseen and attacks:
+            rate = sum(spoof_accepted[a] for a in attacks) / sum(spoof_seen[a] for a in attacks)
+            result[f"{name}_apcer"] = rate
+            result[f"{name}_acer"] = (rate + bpcer) / 2
+    return result
+
+
+def eer_pair_by_scikit_learn(scores, labels):
+    """The (APCER, BPCER) of the EER point: of every pair a threshold can give (scikit-learn's ROC, live the
+    positive class), the one with the smallest |APCER - BPCER|, then the smallest sum."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1, drop_intermediate=False)
+    return min(zip(fpr, 1 - tpr), key=lambda pair: (abs(pair[0] - pair[1]), pair[0] + pair[1]))

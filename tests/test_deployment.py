@@ -357,40 +357,6 @@ def test_training_run_scores_a_folder_at_its_final_threshold(stage1_run, demo_ro
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_operating_points_against_a_hand_computation():
-    # val: 100 spoof at 0, 0.005, ..., 0.495 and 100 live at 0.3025, 0.3075, ..., 0.7975 (no ties)
-    spoof, live = np.arange(100) / 200, 0.3025 + np.arange(100) / 200
-    scores, labels = np.concatenate([spoof, live]), np.array([0] * 100 + [1] * 100)
-    test_scores, test_labels = np.array([0.1, 0.31, 0.9, 0.2, 0.5]), np.array([0, 0, 0, 1, 1])
-    points = {p["target"]: p for p in evaluation.operating_points(scores, labels, test_scores, test_labels)}
-    assert list(points) == ["BPCER 1%", "BPCER 0.1%", "APCER 1%", "APCER 0.1%"]
-
-    # BPCER <= 1%: one live image of 100 may fall below; the highest such threshold lies between the 2nd
-    # lowest live score (0.3075) and the next score below it (spoof 0.305)
-    p = points["BPCER 1%"]
-    assert p["threshold"] == pytest.approx((0.305 + 0.3075) / 2)
-    assert p["val_bpcer"] == pytest.approx(0.01) and p["resolved"]
-    assert p["val_apcer"] == pytest.approx(38 / 100)  # spoof 0.31 ... 0.495
-    assert p["test_apcer"] == pytest.approx(2 / 3) and p["test_bpcer"] == pytest.approx(1 / 2)  # 0.31, 0.9; 0.2
-
-    # BPCER <= 0.1% of 100 live images means none: just below the lowest live score, above spoof 0.300
-    p = points["BPCER 0.1%"]
-    assert p["threshold"] == pytest.approx((0.300 + 0.3025) / 2)
-    assert p["val_bpcer"] == 0 and p["val_apcer"] == pytest.approx(39 / 100) and not p["resolved"]
-
-    # APCER <= 1%: one spoof image (0.495) may reach the threshold; the lowest one lies between spoof 0.49
-    # and the next score above it (live 0.4925)
-    p = points["APCER 1%"]
-    assert p["threshold"] == pytest.approx((0.49 + 0.4925) / 2)
-    assert p["val_apcer"] == pytest.approx(0.01) and p["resolved"]
-    assert p["val_bpcer"] == pytest.approx(38 / 100)  # live 0.3025 ... 0.4875
-    assert p["test_apcer"] == pytest.approx(1 / 3) and p["test_bpcer"] == pytest.approx(1 / 2)  # 0.9; 0.2
-
-    p = points["APCER 0.1%"]
-    assert p["threshold"] == pytest.approx((0.495 + 0.4975) / 2)
-    assert p["val_apcer"] == 0 and p["val_bpcer"] == pytest.approx(39 / 100) and not p["resolved"]
-
-
 @pytest.mark.slow
 def test_final_results_and_report_carry_the_operating_points(stage2_run):
     exp, _ = stage2_run

@@ -172,3 +172,170 @@ def test_stage2_loss_needs_a_weight_for_every_term():
     labels, teacher = torch.tensor([0, 1, 0, 1]), torch.rand(4, 2).softmax(-1)
     with pytest.raises(ValueError, match="each of"):
         losses.stage2_loss(logits, embeddings, labels, teacher, {"focal": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Each loss against a plain reference written here, one sample at a time in float64: values and gradients
+# ------------------------------------------------------------------------------------------------------------------
+
+# The losses compute in float32 whatever their input: values and gradients agree with a float64 reference to
+# float32's precision (rel 1e-5 and abs 1e-6 leave room for sums over a batch of 12). gradcheck's finite differences
+# step by 1e-3: its truncation error (~eps^2) and float32 rounding (~1e-7 / eps) both stay far under atol 1e-3.
+CLOSE = {"rel": 1e-5, "abs": 1e-6}
+GRADCHECK = {"eps": 1e-3, "atol": 1e-3, "rtol": 1e-2}
+
+
+def batch(seed, n=12, dims=6):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, 2, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    embeddings = torch.randn(n, dims, generator=generator, dtype=torch.float64).requires_grad_(True)
+    labels = torch.tensor([0, 1] * (n // 2))[torch.randperm(n, generator=generator)]
+    teacher = torch.softmax(torch.randn(n, 2, generator=generator, dtype=torch.float64) * 3, dim=1)
+    weights = torch.ones(n, dtype=torch.float64)
+    weights[torch.randperm(n, generator=generator)[:3]] = 0
+    return logits, embeddings, labels, teacher, weights
+
+
+def reference_cross_entropy(logits, labels, weights):
+    total = 0
+    kept = 0
+    for z, label, weight in zip(logits, labels, weights):
+        total = total - weight * torch.log(torch.exp(z[label]) / torch.exp(z).sum())
+        kept = kept + weight
+    return total / max(kept, 1)
+
+
+def reference_focal(logits, labels, gamma, alpha, weights):
+    total = 0
+    kept = 0
+    for z, label, weight in zip(logits, labels, weights):
+        p_t = torch.exp(z[label]) / torch.exp(z).sum()
+        term = -((1 - p_t) ** gamma) * torch.log(p_t)
+        if alpha is not None:
+            term = term * alpha[label]
+        total = total + weight * term
+        kept = kept + weight
+    return total / max(kept, 1)
+
+
+def reference_triplet(embeddings, labels, margin, weights):
+    """For each usable anchor with a positive and a negative: the farthest positive, the nearest negative."""
+    unit = [e / torch.sqrt((e * e).sum()) for e in embeddings]
+    usable = [i for i in range(len(unit)) if weights[i] > 0]
+    terms = []
+    for a in usable:
+        positives = [torch.sqrt(((unit[a] - unit[p]) ** 2).sum()) for p in usable if p != a and labels[p] == labels[a]]
+        negatives = [torch.sqrt(((unit[a] - unit[n]) ** 2).sum()) for n in usable if labels[n] != labels[a]]
+        if positives and negatives:
+            terms.append(torch.relu(max(positives) - min(negatives) + margin))
+    return sum(terms) / max(len(terms), 1)
+
+
+def reference_distillation(student_logits, teacher_probs, temperature, weights):
+    """T^2 * KL(teacher softened || student softened), the teacher softened as softmax(log p / T)."""
+    total = 0
+    kept = 0
+    for z, p, weight in zip(student_logits, teacher_probs, weights):
+        q = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
+        s = torch.exp(z / temperature) / torch.exp(z / temperature).sum()
+        total = total + weight * (q * (torch.log(q) - torch.log(s))).sum()
+        kept = kept + weight
+    return total / max(kept, 1) * temperature**2
+
+
+def value_and_gradient(function, leaf):
+    value = function()
+    (gradient,) = torch.autograd.grad(value, leaf)
+    return value.item(), gradient
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_against_the_reference(seed, weighted):
+    logits, _, labels, _, weights = batch(seed)
+    weights = weights if weighted else torch.ones_like(weights)
+    value, gradient = value_and_gradient(lambda: losses.cross_entropy(logits, labels, weights), logits)
+    expected, expected_gradient = value_and_gradient(lambda: reference_cross_entropy(logits, labels, weights), logits)
+    assert value == pytest.approx(expected, **CLOSE)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-5, atol=1e-6)
+    # by hand: (softmax - one-hot) * weight / kept images
+    one_hot = F.one_hot(labels, 2).double()
+    by_hand = (logits.detach().softmax(1) - one_hot) * weights[:, None] / weights.sum()
+    assert torch.allclose(gradient, by_hand, rtol=1e-5, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda z: losses.cross_entropy(z, labels, weights), (logits,), **GRADCHECK)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.5])
+@pytest.mark.parametrize("alpha", [None, (0.25, 0.75), (0.9, 0.3)])
+def test_focal_against_the_reference(gamma, alpha):
+    logits, _, labels, _, weights = batch(int(gamma * 10))
+    value, gradient = value_and_gradient(lambda: focal_loss(logits, labels, gamma, alpha, weights), logits)
+    expected, expected_gradient = value_and_gradient(
+        lambda: reference_focal(logits, labels, gamma, alpha, weights), logits
+    )
+    assert value == pytest.approx(expected, **CLOSE)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-5, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda z: focal_loss(z, labels, gamma, alpha, weights), (logits,), **GRADCHECK)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triplet_against_the_reference(margin, seed):
+    _, embeddings, labels, _, weights = batch(seed)
+    value, gradient = value_and_gradient(
+        lambda: losses.batch_hard_triplet_loss(embeddings, labels, margin, weights), embeddings
+    )
+    expected, expected_gradient = value_and_gradient(
+        lambda: reference_triplet(embeddings, labels, margin, weights), embeddings
+    )
+    assert value == pytest.approx(expected, **CLOSE)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+    assert expected > 0  # random directions: the hinge is open, so the gradient says something
+    assert torch.autograd.gradcheck(
+        lambda e: losses.batch_hard_triplet_loss(e, labels, margin, weights), (embeddings,), **GRADCHECK
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_distillation_against_the_reference(temperature):
+    logits, _, _, teacher, weights = batch(int(temperature * 10))
+    value, gradient = value_and_gradient(lambda: distillation_loss(logits, teacher, temperature, weights), logits)
+    expected, expected_gradient = value_and_gradient(
+        lambda: reference_distillation(logits, teacher, temperature, weights), logits
+    )
+    assert value == pytest.approx(expected, **CLOSE)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-5, atol=1e-6)
+    # by hand: d/dz of T^2 KL(q || softmax(z / T)) is T (softmax(z / T) - q), averaged over the kept images
+    softened_teacher = torch.softmax(teacher.log() / temperature, dim=1)
+    by_hand = temperature * (torch.softmax(logits.detach() / temperature, 1) - softened_teacher)
+    by_hand = by_hand * weights[:, None] / weights.sum()
+    assert torch.allclose(gradient, by_hand, rtol=1e-5, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda z: distillation_loss(z, teacher, temperature, weights), (logits,), **GRADCHECK
+    )
+
+
+def test_stage2_loss_passes_each_setting_to_its_term():
+    logits, embeddings, labels, teacher, weights = batch(3)
+    term_weights = {"focal": 0.7, "triplet": 1.3, "kd": 0.4}
+    total, parts = stage2_loss(
+        logits,
+        embeddings,
+        labels,
+        teacher,
+        term_weights,
+        weights=weights,
+        focal_gamma=1.5,
+        focal_alpha=(0.4, 0.6),
+        triplet_margin=0.8,
+        kd_temperature=3.0,
+    )
+    expected = {
+        "focal": reference_focal(logits, labels, 1.5, (0.4, 0.6), weights),
+        "triplet": reference_triplet(embeddings, labels, 0.8, weights),
+        "kd": reference_distillation(logits, teacher, 3.0, weights),
+    }
+    for name, value in expected.items():
+        assert parts[name].item() == pytest.approx(value.item(), **CLOSE), name
+    assert total.item() == pytest.approx(sum(term_weights[n] * v.item() for n, v in expected.items()), **CLOSE)
+    assert not any(part.requires_grad for part in parts.values())  # the parts are for the log

@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,7 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import REPO, TINY_STAGE1, launch_two_processes, run_script, split_paths, two_process_command
+from conftest import (
+    REPO,
+    TINY_STAGE1,
+    eer_pair_by_scikit_learn,
+    launch_two_processes,
+    metrics_by_loop,
+    run_script,
+    saved_model_probabilities,
+    split_paths,
+    two_process_command,
+)
 import train_stage1
 import wfas_data
 from errors import UserError
@@ -24,6 +36,58 @@ import networks
 
 def train_paths(exp):
     return set(split_paths(exp, "train"))
+
+
+def split_table(exp, demo_root, name):
+    return wfas_data.read_split_csv(exp / "split.csv", demo_root).of_split(name)
+
+
+def read_predictions(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["score"]) for r in rows])
+    return [r["path"] for r in rows], labels, [r["attack_type"] for r in rows], scores
+
+
+def test_soft_labels_are_the_teachers_spoof_then_live_probabilities_of_every_train_image(quick_stage1_run, demo_root):
+    exp, results = quick_stage1_run
+    soft_labels = torch.load(exp / "stage1_soft_labels.pth", weights_only=True)
+    train = split_table(exp, demo_root, "train")
+    assert list(soft_labels) == train.paths() and results["num_soft_labels"] == len(train)
+    expected = saved_model_probabilities(exp / "checkpoints" / "stage1" / "stage1_best.safetensors", train)
+    got = np.array([soft_labels[path] for path in train.paths()])
+    # float32 softmax in the run against float64 here
+    assert np.allclose(got, expected, atol=1e-5)
+    assert wfas_data.SPOOF == 0 and wfas_data.LIVE == 1  # so the file holds [prob_spoof, prob_live]
+    assert np.abs(got - got[:, ::-1]).max() > 1e-3  # the test can tell the two columns apart
+
+
+def test_the_predictions_hold_the_teachers_p_live_and_give_the_reported_numbers(quick_stage1_run, demo_root):
+    exp, results = quick_stage1_run
+    checkpoint = exp / "checkpoints" / "stage1" / "stage1_best.safetensors"
+    rows = {}
+    for name in ("val", "test"):
+        table = split_table(exp, demo_root, name)
+        paths, labels, attack_types, scores = read_predictions(exp / f"stage1_{name}_predictions.csv")
+        assert paths == table.paths() and labels.tolist() == table.label.tolist()
+        assert attack_types == table.attack_types()
+        assert np.allclose(scores, saved_model_probabilities(checkpoint, table)[:, 1], atol=1e-5)
+        rows[name] = (scores, labels, attack_types)
+
+    # the threshold is val's EER point, and test is scored at it
+    val_apcer, val_bpcer = eer_pair_by_scikit_learn(rows["val"][0], rows["val"][1])
+    assert results["threshold"] == results["val"]["threshold"] == results["test"]["threshold"]
+    for name, expected_pair in (("val", (val_apcer, val_bpcer)), ("test", None)):
+        expected = metrics_by_loop(*rows[name], results["threshold"])
+        if expected_pair:
+            assert (expected["apcer"], expected["bpcer"]) == pytest.approx(expected_pair, abs=1e-12)
+        for key in ("acc", "apcer", "bpcer", "acer", "worst_apcer"):
+            assert results[name][key] == pytest.approx(expected[key], abs=1e-12), (name, key)
+        assert results[name]["apcer_per_attack"] == pytest.approx(expected["apcer_per_attack"])
+        assert results[name]["num_images"] == len(rows[name][1])
+    saved = json.loads((exp / "stage1_results.json").read_text())
+    assert saved["test"] == results["test"] and saved["threshold"] == results["threshold"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,233 @@
+"""evaluation.py: every number a run reports, checked by another route: a loop over the images written here, a
+hand-worked case, or scikit-learn. None of these tests computes its expected value with evaluation's own functions.
+
+Conventions checked here: live = 1, a score is P(live), an image is taken for live when score >= threshold; APCER
+is the share of attacks taken for live, BPCER the share of live images rejected, ACER their mean."""
+
+import csv
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from conftest import metrics_by_loop
+import evaluation
+import output_files
+from errors import UserError
+
+# --------------------------------------------------------------------------------------------------- references
+
+
+def sklearn_error_pairs(scores, labels):
+    """Every (APCER, BPCER) a threshold can give, from scikit-learn's ROC (live is the positive class)."""
+    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1, drop_intermediate=False)
+    return list(zip(fpr, 1 - tpr))
+
+
+def random_case(seed, n=400, types=("print", "replay", "mask", "paper-cut")):
+    """Scores that separate live from spoof only partly, attack types of very different sizes, ties included."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.35).astype(int)
+    scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1).round(2)  # rounding makes ties
+    weights = np.array([0.6, 0.25, 0.1, 0.05])[: len(types)]
+    attack = rng.choice(types, size=n, p=weights / weights.sum())
+    attack_types = np.where(labels == 1, "live", attack)
+    return scores, labels, attack_types
+
+
+# ------------------------------------------------------------------------------------------------ hand-worked
+
+
+def test_metrics_by_hand_where_apcer_and_bpcer_differ():
+    # live 0.9 0.8 0.6 0.4: one of 4 rejected at 0.5; spoof print 0.7 0.3, mask 0.55 0.2 0.1 0.05: 2 of 6 taken
+    scores = [0.9, 0.8, 0.6, 0.4, 0.7, 0.3, 0.55, 0.2, 0.1, 0.05]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    attack = ["live"] * 4 + ["print", "print", "mask", "mask", "mask", "mask"]
+    m = evaluation.compute_metrics(scores, labels, attack, threshold=0.5)
+    assert m["apcer"] == pytest.approx(2 / 6) and m["bpcer"] == pytest.approx(1 / 4)
+    assert m["acer"] == pytest.approx((2 / 6 + 1 / 4) / 2)  # their mean: not the larger, not one of them
+    assert m["acc"] == pytest.approx(7 / 10)
+    assert m["apcer_per_attack"] == {"mask": pytest.approx(1 / 4), "print": pytest.approx(1 / 2)}
+    assert m["worst_apcer"] == pytest.approx(1 / 2)
+    assert m["threshold"] == 0.5 and m["num_images"] == 10
+    # 24 live/spoof pairs: live 0.4 is below print 0.7 and mask 0.55; live 0.6 below print 0.7
+    assert m["auc"] == pytest.approx(21 / 24)
+
+
+def test_a_score_on_the_threshold_is_taken_for_live():
+    m = evaluation.compute_metrics([0.5, 0.5, 0.49], [1, 0, 1], ["live", "x", "live"], threshold=0.5)
+    assert m["apcer"] == 1.0 and m["bpcer"] == 0.5
+
+
+def test_auc_counts_a_tie_as_half_a_pair():
+    assert evaluation.roc_auc([0.5, 0.5], [1, 0]) == 0.5
+    # pairs (live, spoof): (0.7, 0.7) half, (0.7, 0.2) one, (0.1, 0.7) none, (0.1, 0.2) none
+    assert evaluation.roc_auc([0.7, 0.1, 0.7, 0.2], [1, 1, 0, 0]) == pytest.approx(1.5 / 4)
+
+
+def test_the_eer_point_by_hand():
+    # live 0.9 0.8 0.4, spoof 0.7 0.3 0.2: between 0.4 and 0.7 one live and one spoof are wrong; halfway, on no score
+    scores = [0.9, 0.8, 0.4, 0.7, 0.3, 0.2]
+    labels = [1, 1, 1, 0, 0, 0]
+    m = evaluation.compute_metrics(scores, labels, ["live"] * 3 + ["print", "print", "mask"])
+    assert m["threshold"] == pytest.approx(0.55)
+    assert m["eer"] == pytest.approx(1 / 3)
+
+
+def test_unseen_and_seen_acer_by_hand():
+    # live 0.9 0.2 (BPCER 1/2 at 0.5); seen print 0.6 0.1 (1 of 2 taken), unseen mask 0.7 0.8 0.3 (2 of 3)
+    scores = [0.9, 0.2, 0.6, 0.1, 0.7, 0.8, 0.3]
+    labels = [1, 1, 0, 0, 0, 0, 0]
+    attack = ["live", "live", "print", "print", "mask", "mask", "mask"]
+    m = evaluation.compute_metrics(scores, labels, attack, threshold=0.5, unseen_attacks=("mask",))
+    assert m["seen_apcer"] == pytest.approx(1 / 2) and m["seen_acer"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert m["unseen_apcer"] == pytest.approx(2 / 3) and m["unseen_acer"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert "seen_acer" not in evaluation.compute_metrics(scores, labels, attack, threshold=0.5)
+
+
+def test_nan_scores_are_refused_loudly():
+    with pytest.raises(UserError, match="1 of 3 scores are NaN"):
+        evaluation.compute_metrics([0.2, float("nan"), 0.9], [0, 1, 1], ["x", "live", "live"])
+    with pytest.raises(UserError, match="NaN"):
+        evaluation.roc_auc([float("nan"), 0.5], [1, 0])
+
+
+def test_a_split_without_both_classes_has_no_eer_point_to_fit():
+    assert evaluation.eer_threshold([0.2, 0.9], [1, 1]) == 0.5
+    assert evaluation.eer_threshold([0.2, 0.9], [0, 0]) == 0.5
+    assert np.isnan(evaluation.roc_auc([0.2, 0.9], [1, 1]))
+
+
+# ------------------------------------------------------------------------------------------ against references
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_at_a_threshold_agree_with_a_loop_over_the_images(seed):
+    scores, labels, attack_types = random_case(seed)
+    for threshold in (0.0, 0.3, 0.45, 0.5, 0.61, 1.0, 1.01):
+        expected = metrics_by_loop(scores, labels, attack_types, threshold, unseen=("mask", "paper-cut"))
+        m = evaluation.compute_metrics(scores, labels, attack_types, threshold, unseen_attacks=("mask", "paper-cut"))
+        for key, value in expected.items():
+            if key == "apcer_per_attack":
+                assert m[key] == pytest.approx(value) and set(m[key]) == set(value)
+            else:
+                assert m[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auc_agrees_with_scikit_learn_ties_included(seed):
+    scores, labels, _ = random_case(seed)
+    assert len(np.unique(scores)) < len(scores) / 2  # many ties
+    assert evaluation.roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_eer_point_is_the_closest_apcer_bpcer_pair_scikit_learn_finds(seed):
+    scores, labels, attack_types = random_case(seed)
+    pairs = sklearn_error_pairs(scores, labels)
+    apcer, bpcer = min(pairs, key=lambda pair: (abs(pair[0] - pair[1]), pair[0] + pair[1]))
+    m = evaluation.compute_metrics(scores, labels, attack_types)
+    assert m["eer"] == pytest.approx((apcer + bpcer) / 2, abs=1e-12)
+    at_threshold = metrics_by_loop(scores, labels, attack_types, m["threshold"])
+    assert (at_threshold["apcer"], at_threshold["bpcer"]) == pytest.approx((apcer, bpcer), abs=1e-12)
+    assert m["threshold"] not in scores  # between two scores: a rounded file gives the same decisions
+
+
+def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisions():
+    rng = np.random.default_rng(0)
+    scores = rng.random(500).astype(np.float32).astype(np.float64)
+    labels = (rng.random(500) < scores).astype(int)
+    attack_types = ["live" if label else "x" for label in labels]
+    threshold = evaluation.eer_threshold(scores, labels)
+    assert threshold not in scores
+    read_back = np.array([float(output_files.format_score(s)) for s in scores])
+    assert np.array_equal(read_back, scores)
+    assert evaluation.compute_metrics(read_back, labels, attack_types, threshold) == evaluation.compute_metrics(
+        scores, labels, attack_types, threshold
+    )
+
+
+# ------------------------------------------------------------------------------------------- operating points
+
+
+def test_operating_points_against_a_hand_computation():
+    # val: 100 spoof at 0, 0.005, ..., 0.495 and 100 live at 0.3025, 0.3075, ..., 0.7975 (no ties)
+    spoof = np.arange(100) / 200
+    live = 0.3025 + np.arange(100) / 200
+    scores = np.concatenate([spoof, live])
+    labels = np.array([0] * 100 + [1] * 100)
+    test_scores = np.array([0.1, 0.31, 0.9, 0.2, 0.5])
+    test_labels = np.array([0, 0, 0, 1, 1])
+    points = {p["target"]: p for p in evaluation.operating_points(scores, labels, test_scores, test_labels)}
+    assert list(points) == ["BPCER 1%", "BPCER 0.1%", "APCER 1%", "APCER 0.1%"]
+
+    # BPCER <= 1%: one live image of 100 may fall below; the highest such threshold lies between the 2nd
+    # lowest live score (0.3075) and the next score below it (spoof 0.305)
+    p = points["BPCER 1%"]
+    assert p["threshold"] == pytest.approx((0.305 + 0.3075) / 2)
+    assert p["val_bpcer"] == pytest.approx(0.01) and p["resolved"]
+    assert p["val_apcer"] == pytest.approx(38 / 100)  # spoof 0.31 ... 0.495
+    assert p["test_apcer"] == pytest.approx(2 / 3) and p["test_bpcer"] == pytest.approx(1 / 2)  # 0.31, 0.9; 0.2
+
+    # BPCER <= 0.1% of 100 live images means none: just below the lowest live score, above spoof 0.300
+    p = points["BPCER 0.1%"]
+    assert p["threshold"] == pytest.approx((0.300 + 0.3025) / 2)
+    assert p["val_bpcer"] == 0 and p["val_apcer"] == pytest.approx(39 / 100) and not p["resolved"]
+
+    # APCER <= 1%: one spoof image (0.495) may reach the threshold; the lowest one lies between spoof 0.49
+    # and the next score above it (live 0.4925)
+    p = points["APCER 1%"]
+    assert p["threshold"] == pytest.approx((0.49 + 0.4925) / 2)
+    assert p["val_apcer"] == pytest.approx(0.01) and p["resolved"]
+    assert p["val_bpcer"] == pytest.approx(38 / 100)  # live 0.3025 ... 0.4875
+    assert p["test_apcer"] == pytest.approx(1 / 3) and p["test_bpcer"] == pytest.approx(1 / 2)  # 0.9; 0.2
+
+    p = points["APCER 0.1%"]
+    assert p["threshold"] == pytest.approx((0.495 + 0.4975) / 2)
+    assert p["val_apcer"] == 0 and p["val_bpcer"] == pytest.approx(39 / 100) and not p["resolved"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_operating_point_is_the_best_threshold_within_its_target(seed):
+    """For each target, no threshold keeps the error within it with the other error lower (every decision a
+    threshold can make, from scikit-learn's ROC); val and test are scored at it one image at a time."""
+    val_scores, val_labels, val_types = random_case(seed, n=1000)
+    test_scores, test_labels, test_types = random_case(seed + 100, n=300)
+    pairs = sklearn_error_pairs(val_scores, val_labels)
+    targets = (("bpcer", 0.05), ("bpcer", 0.2), ("apcer", 0.05), ("apcer", 0.3))
+    points = evaluation.operating_points(val_scores, val_labels, test_scores, test_labels, targets)
+    assert [(p["error"], p["target_rate"]) for p in points] == list(targets)
+    for point in points:
+        error = point["error"]
+        target = point["target_rate"]
+        if error == "bpcer":
+            best_other = min(apcer for apcer, bpcer in pairs if bpcer <= target + 1e-12)
+        else:
+            best_other = min(bpcer for apcer, bpcer in pairs if apcer <= target + 1e-12)
+        val = metrics_by_loop(val_scores, val_labels, val_types, point["threshold"])
+        test = metrics_by_loop(test_scores, test_labels, test_types, point["threshold"])
+        other = "apcer" if error == "bpcer" else "bpcer"
+        assert val[error] <= target + 1e-12
+        assert val[other] == pytest.approx(best_other, abs=1e-12)
+        assert (point["val_apcer"], point["val_bpcer"]) == pytest.approx((val["apcer"], val["bpcer"]), abs=1e-12)
+        assert (point["test_apcer"], point["test_bpcer"]) == pytest.approx((test["apcer"], test["bpcer"]), abs=1e-12)
+        assert point["resolved"] and point["threshold"] not in val_scores
+
+
+def test_operating_points_need_both_classes_on_val():
+    assert evaluation.operating_points([0.2, 0.3], [1, 1], [0.5], [0]) == []
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+
+def test_the_predictions_csv_holds_each_image_with_its_exact_score(tmp_path):
+    paths = np.array(["Train/living/1/a.jpg", "Train/spoof/print/2/b, c.jpg"])
+    scores = np.array([0.1 + 0.2, 1e-13])
+    evaluation.write_predictions(tmp_path / "p.csv", paths, np.array([1, 0]), ["live", "print"], scores)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "label", "attack_type", "score"]
+    assert rows[1][:3] == ["Train/living/1/a.jpg", "1", "live"] and float(rows[1][3]) == 0.1 + 0.2
+    assert rows[2][:3] == ["Train/spoof/print/2/b, c.jpg", "0", "print"] and float(rows[2][3]) == 1e-13
+    assert not list(tmp_path.glob("*.tmp"))
