@@ -165,6 +165,13 @@ class OnnxNetwork(torch.nn.Module):
         return torch.stack(logits, dim=1)
 
 
+def decision(p_live, threshold):
+    """live when P(live) reaches the threshold (a score on it is live, as in evaluation), else spoof."""
+    if p_live >= threshold:
+        return "live"
+    return "spoof"
+
+
 def operating_points(points):
     """{"bpcer=0.01": threshold, ...} from a run's operating points (evaluation.operating_points)."""
     return {f"{point['error']}={point['target_rate']:g}": point["threshold"] for point in points}
@@ -263,7 +270,7 @@ class StreamDecision:
             self.average = self.alpha * float(p_live) + (1 - self.alpha) * self.average
         if self.frames < self.min_frames:
             return self.average, "undecided"
-        return self.average, "live" if self.average >= self.threshold else "spoof"
+        return self.average, decision(self.average, self.threshold)
 
     def missed_frame(self):
         """A frame without the face: the track ends after max_gap of them in a row."""

@@ -1,5 +1,5 @@
 """run_all.sh's launch on GPU nodes, with torch's GPU report faked: bf16 on every GPU (fp16 where bf16 is not
-supported), unless ACCELERATE_ARGS or an accelerate config choose; on a CPU, as before."""
+supported), unless ACCELERATE_ARGS or an accelerate config choose; on a CPU, plain python."""
 
 import os
 import stat
@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # each test runs run_all.sh
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # torch's GPU report, faked; everything else runs the real interpreter
@@ -101,7 +103,7 @@ def test_an_accelerate_config_wins(tmp_path):
     assert "--mixed_precision" not in launches[0]
 
 
-def test_no_gpu_runs_as_before(tmp_path):
+def test_without_a_gpu_the_stages_run_under_plain_python(tmp_path):
     stdout, launches = run_with_fake_gpus(tmp_path, [""], returncode=2)  # the empty data folder stops stage 1
 
     assert "GPU(s)" not in stdout

@@ -17,7 +17,6 @@ from conftest import REPO, run_script
 import train_stage1
 import train_stage2
 import experiment_report
-import training_run
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -105,14 +104,6 @@ def test_the_report_tool_redraws_everything_from_the_files_alone(stage2_run, tmp
     assert not list(exp.rglob("*.tmp*"))
     empty = run_script([sys.executable, "tools/report.py", str(tmp_path / "nothing")])
     assert empty.returncode == 2 and "holds no stage1_results.json" in empty.stderr and "Traceback" not in empty.stderr
-
-
-def test_a_resumed_run_leaves_each_epoch_once_in_the_summary(tmp_path):
-    path = tmp_path / "summary.csv"
-    for epoch in (1, 2, 3, 2, 3):  # killed after epoch 3 was logged, resumed from the state of epoch 1
-        training_run.write_summary_row(path, {"epoch": epoch, "train_loss": 1.0 / epoch})
-    with open(path) as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

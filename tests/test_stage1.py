@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import (
@@ -31,7 +31,6 @@ import train_stage1
 import wfas_data
 from errors import UserError
 import checkpoints
-import networks
 
 
 def train_paths(exp):
@@ -227,37 +226,6 @@ def test_resume_latest_without_a_state_starts_fresh_and_a_missing_folder_is_an_e
         )
 
 
-def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
-    source = timm.create_model("convnext_atto", pretrained=False)  # an "ImageNet" model, 1000 classes
-    save_file(source.state_dict(), tmp_path / "weights.safetensors")
-    args = train_stage1.parse_args(
-        [
-            "--data_root",
-            "x",
-            "--model_name",
-            "convnext_atto",
-            "--pretrained_file",
-            str(tmp_path / "weights.safetensors"),
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
-    model = networks.create_model(args.model_name, pretrained=True, pretrained_file=args.pretrained_file)
-    assert torch.equal(model.stem[0].weight, source.stem[0].weight)
-    assert model.get_classifier().out_features == 2
-
-    # a fetched copy in the cache is reused without any network
-    cache = tmp_path / "EXP" / "model" / "stage1" / "convnext_atto"
-    cache.mkdir(parents=True)
-    shutil.copy(tmp_path / "weights.safetensors", cache / "convnext_atto.safetensors")
-    args = train_stage1.parse_args(
-        ["--data_root", "x", "--model_name", "convnext_atto", "--output_dir", str(tmp_path / "EXP")]
-    )
-    assert args.model_cache_dir == str(cache)
-    model = networks.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
-    assert torch.equal(model.stem[0].weight, source.stem[0].weight)
-
-
 @pytest.mark.slow
 def test_offline_with_an_empty_cache_stops_at_once(demo_root, tmp_path):
     start = time.time()
@@ -416,16 +384,6 @@ def test_a_resumed_run_follows_the_schedule_of_its_new_settings(demo_root, tmp_p
     assert len(uninterrupted) == 3 * updates_per_epoch
     assert rates == pytest.approx(uninterrupted[updates_per_epoch:], rel=1e-12)
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # past the warmup: it only decays, never climbs again
-
-
-def test_a_mid_epoch_resume_counts_images_across_world_sizes():
-    state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
-    # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
-    assert checkpoints.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
-    assert checkpoints.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
-    assert checkpoints.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
-    with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
-        checkpoints.Checkpoints.position(state, 8, 5, 1, 10)
 
 
 AUGMENTATION_PROBE = """

@@ -1,5 +1,5 @@
 """Video and camera scoring (tools/predict.py --predict_video) on a generated clip: the real portrait moving and
-growing across frames, then a stretch without a face, then the portrait again; and the stream rule itself."""
+growing across frames, then a stretch without a face, then the portrait again."""
 
 import csv
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import liveness
 
 FRAMES = 40
 NO_FACE = range(15, 25)
@@ -77,22 +76,3 @@ def test_a_video_that_cannot_be_read_is_one_line(stage2_run, tmp_path):
     for source, message in [(tmp_path / "missing.mp4", "no such file"), (not_a_video, "cannot open")]:
         with pytest.raises(UserError, match=message):
             predict.main(["--output_dir", str(stage2_run[0]), "--predict_video", str(source)])
-
-
-def face(x1, width=50):
-    return liveness.Face(box=[x1, 10, x1 + width, 10 + width], detector_score=0.99)
-
-
-def test_the_stream_rule():
-    stream = liveness.StreamDecision(threshold=0.5, alpha=0.5, min_frames=2, max_gap=1)
-
-    assert stream.follow([face(0)]).box[0] == 0
-    assert stream.update(0.9) == (0.9, "undecided")
-    assert stream.follow([face(200, 80), face(5)]).box[0] == 5  # the face it follows, not the larger one
-    assert stream.update(0.1) == (pytest.approx(0.5), "live")
-    assert stream.update(0.1) == (pytest.approx(0.3), "spoof")
-    assert stream.missed_frame() == "no_face"
-    assert stream.follow([face(5)]).box[0] == 5 and stream.tracks == 1  # a gap of one frame: the same track
-    assert stream.missed_frame() == "no_face" and stream.missed_frame() == "no_face"
-    assert stream.follow([face(5)]) and stream.tracks == 2  # lost for longer: a new track, a new average
-    assert stream.update(0.8) == (0.8, "undecided")

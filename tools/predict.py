@@ -248,9 +248,7 @@ def decide(source, score, threshold):
         return source.replace(" ", "_")
     if np.isnan(score):
         return "undecodable"
-    if score >= threshold:
-        return "live"
-    return "spoof"
+    return liveness.decision(score, threshold)
 
 
 def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold):

@@ -151,7 +151,7 @@ def create_app(model, detector, args):
                 scores = scorer.submit(model.crops(rgb, faces))
                 for face, p_live in zip(faces, scores):
                     face.p_live = round(float(p_live), 6)
-                    face.decision = "live" if p_live >= threshold_used else "spoof"
+                    face.decision = liveness.decision(p_live, threshold_used)
             decision = faces[0].decision if faces else "no_face"
             return {
                 "decision": decision,

@@ -1,0 +1,33 @@
+"""checkpoints.py: where a resumed run stands. The runs that save, kill and resume are in tests/test_stage1.py."""
+
+import pytest
+
+import checkpoints
+from errors import UserError
+
+
+def test_a_mid_epoch_resume_counts_images_across_world_sizes():
+    state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
+    # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
+    assert checkpoints.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
+    assert checkpoints.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
+    assert checkpoints.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
+    with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
+        checkpoints.Checkpoints.position(state, 8, 5, 1, 10)
+
+
+@pytest.mark.parametrize(
+    "epoch, images_done, batch_size, processes, accumulation, updates_per_epoch, expected",
+    [
+        (-1, 0, 8, 1, 1, 5, (0, 0)),  # nothing trained yet
+        (0, 0, 8, 1, 1, 5, (0, 5)),  # the first epoch done
+        (1, 24, 8, 1, 1, 5, (3, 13)),  # 3 batches into the third epoch
+        (1, 48, 8, 2, 2, 5, (3, 11)),  # 3 batches of 16, every 2 of them an update: 1 update in
+        (1, 40, 4, 2, 4, 3, (5, 7)),  # 5 batches of 8, 4 to an update: 1 update in
+    ],
+)
+def test_the_position_of_a_resume_by_hand(
+    epoch, images_done, batch_size, processes, accumulation, updates_per_epoch, expected
+):
+    state = {"epoch": epoch, "images_done": images_done, "batch_size": batch_size, "num_processes": processes}
+    assert checkpoints.Checkpoints.position(state, batch_size, processes, accumulation, updates_per_epoch) == expected
