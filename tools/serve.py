@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", help="a .safetensors written by either stage (default: EXP's best)")
     parser.add_argument("--onnx", help="an ONNX file from tools/export_onnx.py (fp32 or --int8) instead")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="0: a free port, said on start (default: 8000)")
     parser.add_argument("--max_bytes", type=int, default=20_000_000, help="largest upload (default: 20 MB)")
     parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest image (default: 40 Mpx)")
     parser.add_argument("--max_pending", type=int, default=32, help="requests in the service at once (default: 32)")
@@ -192,12 +193,21 @@ def main(argv=None):
     model = liveness.LivenessModel.load(args.output_dir, args.stage, args.checkpoint, args.onnx, os.cpu_count())
     detector = face_detector.FaceDetector(args.min_face_score)
     app = create_app(model, detector, args)
+    # bound here, so that the line below gives the port the service has (a free one for --port 0)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((args.host, args.port))
+    except OSError as error:
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror}): pick another --port") from None
+    port = listening.getsockname()[1]
     print(
-        f"Serving {model.name} ({model.source}), threshold {model.threshold:.4f}, on http://{args.host}:{args.port}/ "
+        f"Serving {model.name} ({model.source}), threshold {model.threshold:.4f}, on http://{args.host}:{port}/ "
         f"(POST /v1/liveness, GET /v1/model)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
 
 
 if __name__ == "__main__":
