@@ -5,14 +5,19 @@ Conventions checked here: live = 1, a score is P(live), an image is taken for li
 is the share of attacks taken for live, BPCER the share of live images rejected, ACER their mean."""
 
 import csv
+import math
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from accelerate import Accelerator
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from conftest import metrics_by_loop
 import evaluation
 import output_files
+import wfas_data
 from errors import UserError
 
 # --------------------------------------------------------------------------------------------------- references
@@ -231,3 +236,166 @@ def test_the_predictions_csv_holds_each_image_with_its_exact_score(tmp_path):
     assert rows[1][:3] == ["Train/living/1/a.jpg", "1", "live"] and float(rows[1][3]) == 0.1 + 0.2
     assert rows[2][:3] == ["Train/spoof/print/2/b, c.jpg", "0", "print"] and float(rows[2][3]) == 1e-13
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------- the log
+
+
+def test_the_logged_line_gives_each_metric_under_its_name():
+    metrics = {"acc": 0.7, "apcer": 1 / 3, "bpcer": 0.25, "acer": 7 / 24, "auc": 0.875, "eer": 0.3, "threshold": 0.5}
+    metrics.update(worst_apcer=0.5, apcer_per_attack={"mask": 0.25, "print": 0.5}, num_images=10)
+    line = "ACC 0.7000  APCER 0.3333  BPCER 0.2500  ACER 0.2917  AUC 0.8750  EER 0.3000  worst-attack APCER 0.5000"
+    assert evaluation.format_metrics(metrics) == line
+    assert evaluation.format_metrics(metrics, per_attack=True) == line + "  APCER per type: mask 0.2500, print 0.5000"
+    seen = {**metrics, "seen_apcer": 0.1, "seen_acer": 0.2, "unseen_apcer": 0.6, "unseen_acer": 0.7}
+    assert evaluation.format_metrics(seen).endswith(
+        "seen APCER 0.1000  seen ACER 0.2000  unseen APCER 0.6000  unseen ACER 0.7000"
+    )
+
+
+def test_the_operating_points_table_gives_one_line_per_target():
+    points = [
+        {
+            "target": "BPCER 1%",
+            "threshold": 0.25,
+            "val_apcer": 0.125,
+            "val_bpcer": 0.01,
+            "test_apcer": 0.5,
+            "test_bpcer": 0.0,
+            "resolved": True,
+        },
+        {
+            "target": "APCER 0.1%",
+            "threshold": 0.75,
+            "val_apcer": 0.0,
+            "val_bpcer": 0.375,
+            "test_apcer": 0.0,
+            "test_bpcer": 0.25,
+            "resolved": False,
+        },
+    ]
+    assert evaluation.format_operating_points(points).splitlines() == [
+        "operating points (threshold fitted on val; test scored at it):",
+        "    BPCER 1%: threshold 0.250000  val APCER 0.1250 BPCER 0.0100  test APCER 0.5000 BPCER 0.0000",
+        "  APCER 0.1%: threshold 0.750000  val APCER 0.0000 BPCER 0.3750  test APCER 0.0000 BPCER 0.2500"
+        "  (val too small to resolve this target)",
+    ]
+
+
+# ------------------------------------------------------------------------------ scoring a split with a real model
+
+
+class LeftHalfBrightness(torch.nn.Module):
+    """A real two-class network whose P(live) each image's pixels give: logits (0, 8 * (mean of the left half -
+    0.5)). Its left half makes a horizontal flip change the score, so that --tta shows."""
+
+    def forward(self, images):
+        left = images[..., : images.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(left), 8 * (left - 0.5)], dim=1)
+
+
+def p_live_by_hand(crop, tta):
+    """P(live) of LeftHalfBrightness on one uint8 crop, as a sigmoid of its logit, by hand."""
+    x = crop.double() / 255
+    p = [1 / (1 + math.exp(-8 * (half[..., : x.shape[-1] // 2].mean().item() - 0.5))) for half in (x, x.flip(-1))]
+    return (p[0] + p[1]) / 2 if tta else p[0]
+
+
+@pytest.fixture
+def scored_table(demo_root, tmp_path):
+    """The demo's val split in a copy of the data, with one image made undecodable."""
+    data = shutil.copytree(demo_root, tmp_path / "data")
+    table = wfas_data.load_or_create_split(data, tmp_path / "EXP", 0.3, 0.2, log=lambda _: None).of_split("val")
+    (data / table.paths()[3]).write_bytes(b"not a jpeg")
+    return table
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_split_is_scored_image_by_image_in_its_own_order(scored_table, tta):
+    table = scored_table
+    accelerator = Accelerator(cpu=True)
+    dataset = wfas_data.FaceDataset(table, 32)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=4))
+    identity = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # the model sees pixels / 255
+    metrics, (paths, labels, attack_types, scores) = evaluation.evaluate(
+        LeftHalfBrightness(), loader, table, accelerator, *identity, tta=tta, log_warning=lambda _: None
+    )
+
+    readable = [i for i in range(len(table)) if i != 3]
+    assert list(paths) == [table.paths()[i] for i in readable] and metrics["unreadable"] == 1
+    assert labels.tolist() == [int(table.label[i]) for i in readable]
+    assert list(attack_types) == [table.attack_types()[i] for i in readable]
+    expected = [p_live_by_hand(dataset[i]["image"], tta) for i in readable]
+    assert np.allclose(scores, expected, atol=1e-6)
+    loss = -np.mean([math.log(p if label == 1 else 1 - p) for p, label in zip(expected, labels)])
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    by_loop = metrics_by_loop(expected, labels, attack_types, metrics["threshold"])
+    assert metrics["acer"] == pytest.approx(by_loop["acer"]) and metrics["num_images"] == len(readable)
+
+    unlabelled = wfas_data.unlabelled_table(table.root, table.paths())
+    model = LeftHalfBrightness()
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": identity[0], "std": identity[1]}
+    in_table_order = evaluation.score_table(
+        model, accelerator, unlabelled, 32, wfas_data.DEFAULT_FACE_CROP_SCALE, 4, 0, tta, log_warning=lambda _: None
+    )
+    assert np.isnan(in_table_order[3]) and np.allclose(np.delete(in_table_order, 3), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- edge cases
+
+
+def test_between_equally_balanced_points_the_eer_takes_the_lower_acer():
+    # live 0.0 0.3, spoof 0.2 0.5 0.5 0.5: at 0.25 APCER 3/4 and BPCER 1/2, at 0.4 APCER 3/4 and BPCER 1: both are
+    # 1/4 apart, and 0.25 errs less
+    m = evaluation.compute_metrics([0.0, 0.3, 0.2, 0.5, 0.5, 0.5], [1, 1, 0, 0, 0, 0], ["live"] * 2 + ["x"] * 4)
+    assert m["threshold"] == pytest.approx(0.25)
+    assert m["eer"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+
+
+def test_scores_of_exactly_0_and_1_can_all_be_taken_for_live_or_all_refused():
+    # a confident model: live at 0 and 1, spoof at 0 and 1; no error within 0% but all live or all spoof
+    scores = np.array([0.0, 1.0, 0.0, 1.0])
+    labels = np.array([1, 1, 0, 0])
+    targets = (("bpcer", 0.0), ("apcer", 0.0))
+    bpcer_0, apcer_0 = evaluation.operating_points(scores, labels, scores, labels, targets)
+    assert bpcer_0["threshold"] <= 0.0 and (bpcer_0["val_apcer"], bpcer_0["val_bpcer"]) == (1.0, 0.0)
+    assert apcer_0["threshold"] > 1.0 and (apcer_0["val_apcer"], apcer_0["val_bpcer"]) == (0.0, 1.0)
+    assert metrics_by_loop(scores, labels, ["live", "live", "x", "x"], bpcer_0["threshold"])["bpcer"] == 0.0
+    assert metrics_by_loop(scores, labels, ["live", "live", "x", "x"], apcer_0["threshold"])["apcer"] == 0.0
+
+
+def test_a_model_that_gives_every_image_the_same_score_still_has_an_eer_point():
+    m = evaluation.compute_metrics([0.5] * 4, [1, 1, 0, 0], ["live", "live", "x", "x"])
+    assert m["eer"] == 0.5 and m["auc"] == 0.5
+    assert (m["apcer"], m["bpcer"]) in ((1.0, 0.0), (0.0, 1.0))
+
+
+def test_the_threshold_lies_between_two_neighbouring_float32_scores():
+    low = np.float32(0.5)
+    high = np.nextafter(low, np.float32(1))  # no float32 lies between them; halfway does in float64
+    scores = np.array([low, high], dtype=np.float32)
+    threshold = evaluation.eer_threshold(scores, [0, 1])
+    assert float(low) < threshold < float(high)  # compared as float64: numpy compares a float32 with it in float32
+    assert metrics_by_loop([float(low), float(high)], [0, 1], ["x", "live"], threshold)["acer"] == 0
+
+
+def test_a_nan_score_says_what_to_do():
+    with pytest.raises(UserError, match="training diverged\\); lower --learning_rate, or use bf16 rather than fp16"):
+        evaluation.check_scores([0.1, float("nan")])
+
+
+def test_rates_of_a_class_that_is_absent_are_nan_and_the_others_stand():
+    live_only = evaluation.compute_metrics([0.2, 0.9], [1, 1], ["live", "live"], threshold=0.5)
+    assert np.isnan(live_only["apcer"]) and np.isnan(live_only["worst_apcer"]) and np.isnan(live_only["auc"])
+    assert live_only["bpcer"] == 0.5 and live_only["acc"] == 0.5 and live_only["apcer_per_attack"] == {}
+    spoof_only = evaluation.compute_error_rates([0.2, 0.9], [0, 0], 0.5)
+    assert np.isnan(spoof_only["bpcer"]) and spoof_only["apcer"] == 0.5
+    empty = evaluation.compute_metrics([], [], [], threshold=0.5)
+    assert empty["num_images"] == 0 and np.isnan(empty["acc"]) and np.isnan(empty["acer"])
+    # every attack of the unseen types: no seen attack to rate
+    unseen = evaluation.compute_metrics([0.9, 0.6], [1, 0], ["live", "mask"], threshold=0.5, unseen_attacks=("mask",))
+    assert np.isnan(unseen["seen_apcer"]) and unseen["unseen_apcer"] == 1.0
+
+
+def test_operating_points_need_both_classes_on_val_whichever_is_missing():
+    assert evaluation.operating_points([0.2, 0.3], [0, 0], [0.5], [1]) == []
