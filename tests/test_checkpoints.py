@@ -1,5 +1,7 @@
 """checkpoints.py: where a resumed run stands. The runs that save, kill and resume are in tests/test_stage1.py."""
 
+import json
+
 import pytest
 
 import checkpoints
@@ -31,3 +33,36 @@ def test_the_position_of_a_resume_by_hand(
 ):
     state = {"epoch": epoch, "images_done": images_done, "batch_size": batch_size, "num_processes": processes}
     assert checkpoints.Checkpoints.position(state, batch_size, processes, accumulation, updates_per_epoch) == expected
+
+
+def saved_state(folder, epoch):
+    """A state folder as save_latest leaves it complete: training_state.json is its last file."""
+    folder.mkdir(parents=True)
+    (folder / "training_state.json").write_text(json.dumps({"epoch": epoch}))
+    return folder
+
+
+def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(tmp_path):
+    folder = tmp_path / "checkpoints" / "stage1"
+    older = saved_state(folder / "stage1_latest.old-1700000000000000000", 1)
+    newer = saved_state(folder / "stage1_latest.old-1700000000500000000", 2)
+    tmp = saved_state(folder / "stage1_latest.tmp", 3)
+    found = checkpoints.Checkpoints(None, tmp_path, "stage1")
+    assert found.resolve("latest") == tmp  # killed after .tmp was complete, before its rename
+    (tmp / "training_state.json").unlink()  # killed while writing .tmp: the newest of the moved-aside ones
+    assert found.resolve("latest") == newer
+    (newer / "training_state.json").unlink()
+    assert found.resolve("latest") == older
+    latest = saved_state(folder / "stage1_latest", 4)
+    assert found.resolve("latest") == latest  # a complete latest wins over every leftover
+
+
+def test_latest_without_a_state_is_a_first_start_and_a_named_folder_must_hold_one(tmp_path):
+    found = checkpoints.Checkpoints(None, tmp_path, "stage2")
+    assert found.resolve("latest") is None
+    assert found.resolve(str(saved_state(tmp_path / "mine", 0))) == tmp_path / "mine"
+    with pytest.raises(UserError, match="--resume_from_checkpoint .*nowhere: no saved state .*stage2_latest folder"):
+        found.resolve(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no saved state"):
+        found.resolve(str(tmp_path / "empty"))

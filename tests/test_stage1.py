@@ -29,7 +29,6 @@ from conftest import (
 import train_stage1
 import wfas_data
 from errors import UserError
-import checkpoints
 
 
 def train_paths(exp):
@@ -104,6 +103,29 @@ def test_folds_are_subject_disjoint_balanced_per_attack_type_and_deterministic(d
             sizes[subject] = sizes.get(subject, 0) + 1
         per_fold = [sum(size for subject, size in sizes.items() if fold_of[subject] == f) for f in range(num_folds)]
         assert max(per_fold) - min(per_fold) <= max(sizes.values())  # within one subject of each other
+
+
+def test_the_teacher_of_several_folds_scores_an_image_with_their_mean(demo_root):
+    table = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=0).of_split("val")
+    labels = table.label.copy()
+    types = np.array(table.attack_types())
+    rng = np.random.default_rng(0)
+    fold_scores = [rng.random(len(table)) for _ in range(3)]
+    rows = [(np.array(table.paths()), labels, types, scores) for scores in fold_scores]
+    metrics, (paths, _, _, scores) = train_stage1.mean_of_folds(rows, table, threshold=0.45)
+    by_hand = [(a + b + c) / 3 for a, b, c in zip(*fold_scores)]
+    assert list(paths) == table.paths() and np.allclose(scores, by_hand, rtol=0, atol=1e-15)
+    expected = metrics_by_loop(by_hand, labels, types, 0.45)
+    assert metrics["threshold"] == 0.45 and metrics["acer"] == pytest.approx(expected["acer"], abs=1e-12)
+    loss = -np.mean([math.log(p if label == 1 else 1 - p) for p, label in zip(by_hand, labels)])
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-12) and metrics["unreadable"] == 0
+
+
+def test_soft_labels_are_saved_for_a_weights_only_load(tmp_path):
+    soft_labels = {"Train/living/1/a.jpg": [0.25, 0.75], "Train/spoof/print/2/b.jpg": [0.9, 0.1]}
+    train_stage1.write_soft_labels(tmp_path / "stage1_soft_labels.pth", soft_labels)
+    assert torch.load(tmp_path / "stage1_soft_labels.pth", weights_only=True) == soft_labels
+    assert [p.name for p in tmp_path.iterdir()] == ["stage1_soft_labels.pth"]
 
 
 @pytest.mark.slow
@@ -504,16 +526,6 @@ def test_leftover_tmp_and_old_folders_do_not_block_a_resume(stage1_run, demo_roo
     )
     assert json.loads((ckpt / "stage1_latest" / "training_state.json").read_text())["epoch"] == 1
     assert sorted(p.name for p in ckpt.iterdir()) == ["stage1_best.safetensors", "stage1_latest"]
-
-
-@pytest.mark.slow
-def test_a_kill_between_the_renames_resumes_from_the_newest_complete_state(stage1_run, tmp_path):
-    ckpt = tmp_path / "checkpoints" / "stage1"
-    shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.tmp")
-    shutil.copytree(stage1_run[0] / "checkpoints" / "stage1" / "stage1_latest", ckpt / "stage1_latest.old-1")
-    assert checkpoints.Checkpoints(None, tmp_path, "stage1").resolve("latest") == ckpt / "stage1_latest.tmp"
-    (ckpt / "stage1_latest.tmp" / "training_state.json").unlink()  # killed while writing .tmp: the old one
-    assert checkpoints.Checkpoints(None, tmp_path, "stage1").resolve("latest") == ckpt / "stage1_latest.old-1"
 
 
 @pytest.mark.slow
