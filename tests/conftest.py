@@ -35,26 +35,6 @@ TINY_STAGE1 = [
     "--learning_rate",
     "1e-3",
 ]
-# timm's test_convnext (0.2 M parameters) at 64 px: a whole run of a stage in about two seconds, for the fast tier's
-# end-to-end contracts (the files and numbers a run writes); the recipe's own small models train in the slow tier.
-# Without the face cache, whose JPEG crops differ slightly from the photo's: the tests score the photos themselves
-# (tests/test_face_cache.py holds the cache to the photos' scores).
-QUICK_STAGE = [
-    "--no-face_cache",
-    "--model_name",
-    "test_convnext",
-    "--no-pretrained",
-    "--img_size",
-    "64",
-    "--num_epochs",
-    "1",
-    "--batch_size",
-    "8",
-    "--num_workers",
-    "0",
-    "--learning_rate",
-    "1e-3",
-]
 TINY_STAGE2 = [
     "--model_name",
     "maxvit_rmlp_pico_rw_256",
@@ -70,6 +50,11 @@ TINY_STAGE2 = [
     "--learning_rate",
     "1e-3",
 ]
+# timm's test_convnext (0.2 M parameters) at 64 px: a whole run of a stage in about two seconds, for the fast tier's
+# end-to-end contracts (the files and numbers a run writes); the recipe's own small models train in the slow tier.
+# Without the face cache, whose JPEG crops differ slightly from the photo's: the tests score the photos themselves
+# (tests/test_face_cache.py holds the cache to the photos' scores).
+QUICK_STAGE = ["--no-face_cache", "--model_name", "test_convnext", *TINY_STAGE1[2:]]
 
 
 def pytest_configure(config):
@@ -169,63 +154,46 @@ def demo_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def stage1_run(demo_root, tmp_path_factory):
+def train_stage1_on(demo_root, exp, flags):
     import train_stage1
 
-    exp = tmp_path_factory.mktemp("exp") / "EXP"
-    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1])
+    return exp, train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *flags])
+
+
+def train_stage2_and_submit(stage1_exp, demo_root, exp, flags, predict_flags=()):
+    """A copy of a stage 1 experiment, then stage 2 on it, then its submission from the Dev/Test lists."""
+    import train_stage2
+    from tools import predict
+
+    shutil.copytree(stage1_exp, exp)
+    results = train_stage2.main(["--output_dir", str(exp), *flags])
+    lists = [str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")]
+    submission = ["--output_dir", str(exp), "--num_workers", "0", *predict_flags, "--predict_lists", *lists]
+    results.update(predict.main(submission))
     return exp, results
+
+
+@pytest.fixture(scope="session")
+def stage1_run(demo_root, tmp_path_factory):
+    return train_stage1_on(demo_root, tmp_path_factory.mktemp("exp") / "EXP", TINY_STAGE1)
 
 
 @pytest.fixture(scope="session")
 def stage2_run(stage1_run, demo_root, tmp_path_factory):
-    """A copy of the stage 1 experiment, then stage 2 on it, then its submission from the Dev/Test lists."""
-    import train_stage2
-    from tools import predict
-
-    exp = tmp_path_factory.mktemp("exp2") / "EXP"
-    shutil.copytree(stage1_run[0], exp)
-    results = train_stage2.main(["--output_dir", str(exp), *TINY_STAGE2])
-    results.update(
-        predict.main(
-            [
-                "--output_dir",
-                str(exp),
-                "--num_workers",
-                "0",
-                "--predict_lists",
-                str(demo_root / "Dev" / "Dev.txt"),
-                str(demo_root / "Test" / "Test.txt"),
-            ]
-        )
-    )
-    return exp, results
+    return train_stage2_and_submit(stage1_run[0], demo_root, tmp_path_factory.mktemp("exp2") / "EXP", TINY_STAGE2)
 
 
 @pytest.fixture(scope="session")
 def quick_stage1_run(demo_root, tmp_path_factory):
     """Stage 1 with timm's test_convnext: the fast tier's end-to-end run. Read it, never write into it."""
-    import train_stage1
-
-    exp = tmp_path_factory.mktemp("quick1") / "EXP"
-    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(exp), *QUICK_STAGE])
-    return exp, results
+    return train_stage1_on(demo_root, tmp_path_factory.mktemp("quick1") / "EXP", QUICK_STAGE)
 
 
 @pytest.fixture(scope="session")
 def quick_stage2_run(quick_stage1_run, demo_root, tmp_path_factory):
     """Stage 2 with test_convnext on a copy of quick_stage1_run, then its submission of the Dev and Test lists."""
-    import train_stage2
-    from tools import predict
-
     exp = tmp_path_factory.mktemp("quick2") / "EXP"
-    shutil.copytree(quick_stage1_run[0], exp)
-    results = train_stage2.main(["--output_dir", str(exp), *QUICK_STAGE])
-    lists = [str(demo_root / "Dev" / "Dev.txt"), str(demo_root / "Test" / "Test.txt")]
-    submission = ["--output_dir", str(exp), "--num_workers", "0", "--no-face_cache", "--predict_lists", *lists]
-    results.update(predict.main(submission))
-    return exp, results
+    return train_stage2_and_submit(quick_stage1_run[0], demo_root, exp, QUICK_STAGE, ["--no-face_cache"])
 
 
 def saved_model_probabilities(checkpoint, table):
