@@ -88,8 +88,17 @@ def test_the_predictions_hold_the_teachers_p_live_and_give_the_reported_numbers(
 
 
 @pytest.mark.parametrize("num_folds", [1, 2, 3])
-def test_folds_are_subject_disjoint_balanced_per_attack_type_and_deterministic(demo_root, num_folds):
-    train = wfas_data.assign_splits(wfas_data.index_wfas(demo_root), 0.2, 0.2, seed=0).of_split("train")
+def test_folds_are_subject_disjoint_balanced_per_attack_type_and_deterministic(tmp_path, num_folds):
+    # subjects of 1 to 6 images: balancing by images, not by subjects, shows
+    rng = np.random.default_rng(num_folds)
+    lines = [
+        f"{kind}/{s}/{i}.jpg {int(kind == 'live')} {kind} {kind}{s}"
+        for kind in ("live", "print", "mask")
+        for s in range(9)
+        for i in range(int(rng.integers(1, 7)))
+    ]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    train = wfas_data.index_labelled_list(tmp_path / "list.txt")
     folds = train_stage1.assign_folds(train, num_folds, seed=5)
     assert np.array_equal(folds, train_stage1.assign_folds(train, num_folds, seed=5))
     assert sorted(set(folds.tolist())) == list(range(num_folds))
@@ -103,6 +112,9 @@ def test_folds_are_subject_disjoint_balanced_per_attack_type_and_deterministic(d
             sizes[subject] = sizes.get(subject, 0) + 1
         per_fold = [sum(size for subject, size in sizes.items() if fold_of[subject] == f) for f in range(num_folds)]
         assert max(per_fold) - min(per_fold) <= max(sizes.values())  # within one subject of each other
+    assert folds.dtype == np.int64
+    in_all = np.bincount(folds, minlength=num_folds)
+    assert in_all.max() - in_all.min() <= 6  # ties go to the fold with the fewest images in all
 
 
 def test_the_teacher_of_several_folds_scores_an_image_with_their_mean(demo_root):
@@ -111,13 +123,17 @@ def test_the_teacher_of_several_folds_scores_an_image_with_their_mean(demo_root)
     types = np.array(table.attack_types())
     rng = np.random.default_rng(0)
     fold_scores = [rng.random(len(table)) for _ in range(3)]
+    fold_scores[0][0] = fold_scores[1][0] = fold_scores[2][0] = 1.0 - labels[0]  # all three sure of the wrong class
     rows = [(np.array(table.paths()), labels, types, scores) for scores in fold_scores]
+    table.unseen_attacks = (types[labels == 0][0],)
     metrics, (paths, _, _, scores) = train_stage1.mean_of_folds(rows, table, threshold=0.45)
     by_hand = [(a + b + c) / 3 for a, b, c in zip(*fold_scores)]
     assert list(paths) == table.paths() and np.allclose(scores, by_hand, rtol=0, atol=1e-15)
-    expected = metrics_by_loop(by_hand, labels, types, 0.45)
+    expected = metrics_by_loop(by_hand, labels, types, 0.45, unseen=table.unseen_attacks)
     assert metrics["threshold"] == 0.45 and metrics["acer"] == pytest.approx(expected["acer"], abs=1e-12)
-    loss = -np.mean([math.log(p if label == 1 else 1 - p) for p, label in zip(by_hand, labels)])
+    assert metrics["unseen_acer"] == pytest.approx(expected["unseen_acer"], abs=1e-12)
+    # a probability of 0 for the true class counts as 1e-12: the loss stays finite
+    loss = -np.mean([math.log(max(p if label == 1 else 1 - p, 1e-12)) for p, label in zip(by_hand, labels)])
     assert metrics["loss"] == pytest.approx(loss, rel=1e-12) and metrics["unreadable"] == 0
 
 

@@ -3,6 +3,7 @@ import json
 import shutil
 import sys
 import zipfile
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -359,3 +360,59 @@ def test_balanced_sampling_with_batches_of_one_is_a_clear_error(tmp_path):
         ).batch_size
         == 1
     )
+
+
+def three_splits(num_train=200):
+    paths = [f"img{i}.jpg" for i in range(num_train)]
+    return {
+        "train": table_of(paths, [i % 2 for i in range(num_train)], 0),
+        "val": table_of(["v.jpg"], [1], 1),
+        "test": table_of(["t.jpg"], [0], 2),
+    }
+
+
+def test_soft_labels_of_images_stage_1_could_not_decode_may_be_missing(tmp_path):
+    splits = three_splits()
+    paths = splits["train"].paths()
+    torch.save({p: [0.5, 0.5] for p in paths[3:]}, tmp_path / "stage1_soft_labels.pth")
+    with pytest.raises(
+        UserError, match="cover 197 of the 200 train images stage 1 could decode \\(< 99%\\).*this EXP folder$"
+    ):
+        train_stage2.load_soft_labels(tmp_path / "stage1_soft_labels.pth", splits)
+    # stage 1 says it could not decode two of them: 197 of 198 is enough, and those 3 fall back to hard labels
+    results = {"undecodable_train_images": paths[:2] + ["not/in/train.jpg"]}
+    (tmp_path / "stage1_results.json").write_text(json.dumps(results))
+    targets, fallbacks = train_stage2.load_soft_labels(tmp_path / "stage1_soft_labels.pth", splits)
+    assert fallbacks == 3 and targets[:3].tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    # exactly 99% covered is enough
+    torch.save({p: [0.5, 0.5] for p in paths[2:]}, tmp_path / "soft.pth")
+    assert train_stage2.load_soft_labels(tmp_path / "soft.pth", splits)[1] == 2
+
+
+def test_each_wrong_soft_label_file_is_one_line_that_says_what_to_do(tmp_path):
+    splits = three_splits()
+    good = {p: [0.5, 0.5] for p in splits["train"].paths()}
+    with pytest.raises(
+        UserError, match=f"no soft labels at {tmp_path / 'none.pth'}; run stage 1 first .*soft_labels_path"
+    ):
+        train_stage2.load_soft_labels(tmp_path / "none.pth", splits)
+    (tmp_path / "text.pth").write_text("not a torch file\nsecond line")
+    with pytest.raises(UserError, match="cannot read soft labels .*text.pth: [^\n]+$"):
+        train_stage2.load_soft_labels(tmp_path / "text.pth", splits)
+    torch.save({**good, "img0.jpg": Fraction(1, 2)}, tmp_path / "pickled.pth")  # not a weights-only object
+    with pytest.raises(UserError, match="cannot read soft labels .*pickled.pth"):
+        train_stage2.load_soft_labels(tmp_path / "pickled.pth", splits)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="is not a soft-label file: expected a dict \\{image path: \\[prob_spoof"):
+        train_stage2.load_soft_labels(tmp_path / "list.pth", splits)
+    torch.save({**good, "v.jpg": [0.1, 0.9], "t.jpg": [0.1, 0.9]}, tmp_path / "held_out.pth")
+    with pytest.raises(
+        UserError, match="contain 2 val/test images \\(e.g. v.jpg\\).*use the stage 1 output of this EXP"
+    ):
+        train_stage2.load_soft_labels(tmp_path / "held_out.pth", splits)
+    torch.save({**good, "img7.jpg": "0.5 0.5"}, tmp_path / "text_entry.pth")
+    with pytest.raises(UserError, match="the entry of img7.jpg is '0.5 0.5', not \\[prob_spoof, prob_live\\]"):
+        train_stage2.load_soft_labels(tmp_path / "text_entry.pth", splits)
+    torch.save({**good, "img7.jpg": [0.2, 0.3, 0.5]}, tmp_path / "three.pth")
+    with pytest.raises(UserError, match="the entry of img7.jpg"):
+        train_stage2.load_soft_labels(tmp_path / "three.pth", splits)

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -430,3 +431,146 @@ def test_loader_workers_persist_across_epochs_ignore_stop_signals_and_shut_down(
 def test_a_loader_with_fewer_images_than_a_batch_is_a_clear_error():
     with pytest.raises(UserError, match="fewer than one batch of 8; lower --batch_size"):
         wfas_data.Loaders(batch_size=8, num_workers=0).make(WorkerPid(), shuffle=True)
+
+
+# ---------------------------------------------------------------------------------------------- the split rule
+
+
+def listed_table(tmp_path, subjects_per_type, seed=0):
+    """A labelled list of subjects of uneven sizes (1 to 6 images), no image files needed to split it."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for attack_type, num_subjects in subjects_per_type.items():
+        label = 1 if attack_type == "live" else 0
+        for s in range(num_subjects):
+            for i in range(int(rng.integers(1, 7))):
+                lines.append(f"{attack_type}/{s}/{i}.jpg {label} {attack_type} {attack_type}{s}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return wfas_data.index_labelled_list(tmp_path / "list.txt")
+
+
+SUBJECTS = {"live": 12, "print": 10, "replay": 8, "mask": 3, "cut": 2, "glasses": 1}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("val_fraction, test_fraction", [(0.15, 0.3), (0.3, 0.1), (0.0, 0.25), (0.2, 0.0)])
+def test_the_split_fills_val_then_test_to_their_shares_subject_by_subject(tmp_path, seed, val_fraction, test_fraction):
+    """Within a type, whole subjects go to val until it holds its share, then to test, the rest to train, the last
+    subject always training; a type of 1 or 2 subjects only trains; held-out types never train and share val and
+    test in the val:test proportion."""
+    held_out = ("replay",) if val_fraction and test_fraction else ()
+    table = wfas_data.assign_splits(listed_table(tmp_path, SUBJECTS, seed), val_fraction, test_fraction, seed, held_out)
+    types = table.attack_types()
+    for attack_type in SUBJECTS:
+        sizes = {}
+        split_of = {}
+        for i in [i for i, t in enumerate(types) if t == attack_type]:
+            subject = table.subject[i]
+            sizes[subject] = sizes.get(subject, 0) + 1
+            assert split_of.setdefault(subject, int(table.split[i])) == table.split[i]  # one split per subject
+        images = {
+            name: sum(n for s, n in sizes.items() if split_of[s] == k)
+            for k, name in enumerate(["train", "val", "test"])
+        }
+        subjects = {name: [s for s in sizes if split_of[s] == k] for k, name in enumerate(["train", "val", "test"])}
+        total = sum(sizes.values())
+        if attack_type in held_out:
+            shares = {"val": val_fraction / (val_fraction + test_fraction)}
+            assert images["train"] == 0 and images["val"] + images["test"] == total
+        elif len(sizes) <= 2:
+            assert images["train"] == total
+            continue
+        else:
+            shares = {"val": val_fraction, "test": test_fraction}
+            assert len(subjects["train"]) >= 1
+        for name, share in shares.items():
+            target = share * total
+            largest = max((sizes[s] for s in subjects[name]), default=0)
+            assert images[name] - largest < target or images[name] == 0 == target  # no subject past its share
+            if name == "val" or len(subjects["train"]) > 1:  # filled, unless the subjects ran out before it
+                assert images[name] >= target
+    assert table.unseen_attacks == held_out
+
+
+@pytest.mark.parametrize(
+    "val_fraction, test_fraction",
+    [(-0.1, 0.2), (0.2, -0.1), (0.5, 0.5), (0.9, 0.6), (1.0, 0.0), (0.0, 1.0)],
+)
+def test_fractions_that_leave_nothing_to_train_on_are_one_line(tmp_path, val_fraction, test_fraction):
+    table = listed_table(tmp_path, SUBJECTS)
+    with pytest.raises(
+        UserError,
+        match=f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be >= 0 and leave images "
+        "for training \\(sum < 1\\)$",
+    ):
+        wfas_data.assign_splits(table, val_fraction, test_fraction)
+
+
+def test_held_out_types_must_exist_and_leave_a_type_to_train_and_splits_to_hold_them(tmp_path):
+    table = listed_table(tmp_path, SUBJECTS)
+    with pytest.raises(
+        UserError,
+        match="--unseen_attacks bogus,fake: not an attack type of this data "
+        "\\(its types: cut, glasses, mask, print, replay\\)",
+    ):
+        wfas_data.assign_splits(table, 0.2, 0.2, unseen_attacks=("fake", "bogus", "print"))
+    message = (
+        "--unseen_attacks holds out every attack type, or --val_fraction and --test_fraction are 0: train needs an "
+        "attack type and the held-out ones need val and test; hold out fewer"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        wfas_data.assign_splits(table, 0.2, 0.2, unseen_attacks=("cut", "glasses", "mask", "print", "replay"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        wfas_data.assign_splits(table, 0.0, 0.0, unseen_attacks=("print",))
+
+
+def test_a_held_out_split_without_both_classes_is_refused_naming_what_it_holds(tmp_path):
+    table = wfas_data.assign_splits(listed_table(tmp_path, SUBJECTS), 0.2, 0.2)
+    wfas_data.check_held_out_splits(table, "DATA")  # both classes in val and test
+    table.label[(table.split == 2) & (table.label == 0)] = 1  # test left with live images only
+    with pytest.raises(
+        UserError,
+        match="the test split of DATA holds \\d+ live and 0 spoof images, but needs both; .*\\d+ live and \\d+ spoof "
+        "subjects.*subject column \\(`path label attack_type subject`\\), or raise --val_fraction / --test_fraction, "
+        "or, with no subjects to keep apart, pass --split_by image$",
+    ):
+        wfas_data.check_held_out_splits(table, "DATA")
+    table.label[table.split == 1] = 0  # val: spoof only, found first
+    with pytest.raises(UserError, match="the val split of DATA holds 0 live"):
+        wfas_data.check_held_out_splits(table, "DATA")
+
+
+def test_split_csv_round_trips_every_column_and_refuses_what_is_not_one(tmp_path):
+    table = wfas_data.assign_splits(listed_table(tmp_path, SUBJECTS), 0.2, 0.2)
+    table.box[::3] = np.nan  # images without a face box
+    table.box[1::3] = [10.5, 20.25, 130.125, 170.0625]
+    wfas_data.write_split_csv(table, tmp_path / "split.csv")
+    back = wfas_data.read_split_csv(tmp_path / "split.csv", tmp_path)
+    assert back.paths() == table.paths() and back.attack_types() == table.attack_types()
+    assert back.label.dtype == np.int8 and np.array_equal(back.label, table.label)
+    assert back.split.dtype == np.int8 and np.array_equal(back.split, table.split)
+    assert np.array_equal(back.subject, table.subject)
+    assert np.array_equal(back.box, table.box, equal_nan=True)
+    assert np.array_equal(back.has_bbox, ~np.isnan(table.box[:, 0]))
+    assert "\r" not in (tmp_path / "split.csv").read_bytes().decode().replace("\r\n", "")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(
+        UserError,
+        match="empty.csv is not a split file: expected the columns path,label,attack_type,subject,split,x1,y1,x2,y2$",
+    ):
+        wfas_data.read_split_csv(tmp_path / "empty.csv", tmp_path)
+    (tmp_path / "header.csv").write_text(",".join(wfas_data.SPLIT_COLUMNS + wfas_data.BOX_COLUMNS) + "\n")
+    assert len(wfas_data.read_split_csv(tmp_path / "header.csv", tmp_path)) == 0
+    (tmp_path / "damaged.csv").write_text("path,label,attack_type,subject,split\na.jpg,1,live,s,somewhere\n")
+    with pytest.raises(UserError, match="damaged.csv is damaged \\(.*\\); delete it to recompute the split$"):
+        wfas_data.read_split_csv(tmp_path / "damaged.csv", tmp_path)
+
+
+def test_a_split_csv_without_box_columns_reads_the_boxes_from_the_bbox_files(tmp_path):
+    root = make_tree(tmp_path / "WFAS")
+    table = wfas_data.assign_splits(wfas_data.index_wfas(root), 0.3, 0.3)
+    wfas_data.write_split_csv(table, tmp_path / "split.csv")
+    lines = (tmp_path / "split.csv").read_text().splitlines()
+    (tmp_path / "old.csv").write_text("\n".join(",".join(line.split(",")[:5]) for line in lines) + "\n")
+    back = wfas_data.read_split_csv(tmp_path / "old.csv", root)
+    assert np.array_equal(back.box, table.box) and back.has_bbox.all()
