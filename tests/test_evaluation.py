@@ -332,6 +332,15 @@ def test_a_split_is_scored_image_by_image_in_its_own_order(scored_table, tta):
     by_loop = metrics_by_loop(expected, labels, attack_types, metrics["threshold"])
     assert metrics["acer"] == pytest.approx(by_loop["acer"]) and metrics["num_images"] == len(readable)
 
+    # at a given threshold (val's, for test), with the held-out types reported apart
+    table.unseen_attacks = (sorted(set(attack_types) - {"live"})[0],)
+    at_given, _ = evaluation.evaluate(
+        LeftHalfBrightness(), loader, table, accelerator, *identity, threshold=0.6, tta=tta, log_warning=print
+    )
+    by_loop = metrics_by_loop(expected, labels, attack_types, 0.6, unseen=table.unseen_attacks)
+    assert at_given["threshold"] == 0.6 and at_given["acer"] == pytest.approx(by_loop["acer"])
+    assert at_given["unseen_acer"] == pytest.approx(by_loop["unseen_acer"])
+
     unlabelled = wfas_data.unlabelled_table(table.root, table.paths())
     model = LeftHalfBrightness()
     model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": identity[0], "std": identity[1]}

@@ -678,3 +678,21 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines_and_loader_work
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stdout + result.stderr and "\x1b[" not in result.stdout + result.stderr
     assert "stage 1: 1/8 (12.5%)" in result.stdout and "ETA" in result.stdout
+
+
+@pytest.mark.parametrize("subjects_per_type, per_type", [(4, [1, 1, 2]), (9, [3, 3, 3])])
+def test_folds_of_one_image_subjects_by_hand(tmp_path, subjects_per_type, per_type):
+    """Subjects of one image each, 3 types, 3 folds: within a type the fold with the fewest of that type takes the
+    next subject, and a tie goes to the fold with the fewest in all, so the extra subjects of the types rotate."""
+    lines = [
+        f"{kind}/{s}/0.jpg {int(kind == 'live')} {kind} {kind}{s}"
+        for kind in ("live", "print", "mask")
+        for s in range(subjects_per_type)
+    ]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    train = wfas_data.index_labelled_list(tmp_path / "list.txt")
+    for seed in range(3):
+        folds = train_stage1.assign_folds(train, 3, seed)
+        for kind in ("live", "print", "mask"):
+            assert sorted(np.bincount(folds[train.attack_type == kind.encode()], minlength=3)) == per_type
+        assert np.bincount(folds, minlength=3).tolist() == [subjects_per_type] * 3
