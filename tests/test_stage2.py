@@ -384,9 +384,12 @@ def test_soft_labels_of_images_stage_1_could_not_decode_may_be_missing(tmp_path)
     (tmp_path / "stage1_results.json").write_text(json.dumps(results))
     targets, fallbacks = train_stage2.load_soft_labels(tmp_path / "stage1_soft_labels.pth", splits)
     assert fallbacks == 3 and targets[:3].tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
-    # exactly 99% covered is enough
-    torch.save({p: [0.5, 0.5] for p in paths[2:]}, tmp_path / "soft.pth")
-    assert train_stage2.load_soft_labels(tmp_path / "soft.pth", splits)[1] == 2
+    # without stage 1's word on undecodable images (no results file, or one without the list): exactly 99% is enough
+    (tmp_path / "alone").mkdir()
+    torch.save({p: [0.5, 0.5] for p in paths[2:]}, tmp_path / "alone" / "stage1_soft_labels.pth")
+    assert train_stage2.load_soft_labels(tmp_path / "alone" / "stage1_soft_labels.pth", splits)[1] == 2
+    (tmp_path / "alone" / "stage1_results.json").write_text("{}")
+    assert train_stage2.load_soft_labels(tmp_path / "alone" / "stage1_soft_labels.pth", splits)[1] == 2
 
 
 def test_each_wrong_soft_label_file_is_one_line_that_says_what_to_do(tmp_path):
@@ -407,7 +410,9 @@ def test_each_wrong_soft_label_file_is_one_line_that_says_what_to_do(tmp_path):
         train_stage2.load_soft_labels(tmp_path / "list.pth", splits)
     torch.save({**good, "v.jpg": [0.1, 0.9], "t.jpg": [0.1, 0.9]}, tmp_path / "held_out.pth")
     with pytest.raises(
-        UserError, match="contain 2 val/test images \\(e.g. v.jpg\\).*use the stage 1 output of this EXP"
+        UserError,
+        match="contain 2 val/test images \\(e.g. v.jpg\\): they come from another run or split; use the stage 1 "
+        "output of this EXP folder$",
     ):
         train_stage2.load_soft_labels(tmp_path / "held_out.pth", splits)
     torch.save({**good, "img7.jpg": "0.5 0.5"}, tmp_path / "text_entry.pth")
