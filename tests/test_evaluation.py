@@ -359,6 +359,9 @@ def test_between_equally_balanced_points_the_eer_takes_the_lower_acer():
     m = evaluation.compute_metrics([0.0, 0.3, 0.2, 0.5, 0.5, 0.5], [1, 1, 0, 0, 0, 0], ["live"] * 2 + ["x"] * 4)
     assert m["threshold"] == pytest.approx(0.25)
     assert m["eer"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    # live 0.1 0.1 0.5 0.6, spoof 0.3: at 0.2 APCER 1 and BPCER 1/2, at 0.4 APCER 0 and BPCER 1/2; the higher one
+    m = evaluation.compute_metrics([0.1, 0.1, 0.5, 0.6, 0.3], [1, 1, 1, 1, 0], ["live"] * 4 + ["x"])
+    assert m["threshold"] == pytest.approx(0.4) and m["eer"] == pytest.approx(1 / 4)
 
 
 def test_scores_of_exactly_0_and_1_can_all_be_taken_for_live_or_all_refused():
