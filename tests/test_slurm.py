@@ -9,9 +9,12 @@ installed or the test is not root (the daemons need it); run here with -s it pri
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,9 +57,11 @@ def slurm_command(env, *args):
 
 
 @pytest.fixture()
-def slurm(tmp_path):
+def slurm():
     """A one-node SLURM on localhost (its own munged, ports and state folder); the environment to reach it."""
-    folder = tmp_path / "slurm"
+    # a short folder: munged's and slurmstepd's Unix sockets live in it, and a socket's path has at most 108 bytes
+    # (pytest's tmp_path grows with its run counter: /tmp/pytest-of-root/pytest-1625/popen-gw1/test_... is too long)
+    folder = Path(tempfile.mkdtemp(prefix="slurm-"))
     for name in ("state", "spool"):
         (folder / name).mkdir(parents=True)
     conf = folder / "slurm.conf"
@@ -95,13 +100,17 @@ def slurm(tmp_path):
     # a failed test may leave its job running: end it before the daemons, so that no training outlives the test
     subprocess.run(["scancel", "--partition=debug"], env=env, capture_output=True, timeout=60, check=False)
     stop_daemons(folder, ("slurmd.pid", "slurmctld.pid", "munged.pid"))
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def stop_daemons(folder, pid_files):
-    for pid_file in pid_files:
-        path = folder / pid_file
-        if path.is_file():
-            subprocess.run(["kill", path.read_text().split()[0]], check=False)
+    """SIGTERM to each daemon, then wait until it is gone: they write their state and seed files as they exit."""
+    pids = [int((folder / name).read_text().split()[0]) for name in pid_files if (folder / name).is_file()]
+    for pid in pids:
+        subprocess.run(["kill", str(pid)], check=False)
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def job_state(env, job):
