@@ -14,6 +14,7 @@ PRINTED_KEY = "wfas/error_printed"
 # How long a failing process waits for the others to print its error before it exits (and its launcher ends them).
 WAIT_FOR_OTHERS_SECONDS = 10
 POLL_SECONDS = 0.5
+STOP_WATCHING_SECONDS = 10  # a store call returns in milliseconds; one that hangs is left after this
 
 # Set when this process announces its own error, or its main() has returned or raised: the watcher stops. It must
 # have ended before the interpreter finalizes: a daemon thread still inside a store call then is ended by
@@ -74,9 +75,11 @@ def end_with_other_processes():
 
 
 def _stop_watching():
+    """Wait for the watcher to leave its store call: a daemon thread still inside one when the interpreter ends
+    aborts the process. The wait does not scale with the poll: a store call on a busy machine outlasts a fast poll."""
     _stop.set()
     for watcher in _watchers:
-        watcher.join(timeout=5 * POLL_SECONDS)
+        watcher.join(timeout=STOP_WATCHING_SECONDS)
 
 
 def _watch(store):
