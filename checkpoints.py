@@ -1,8 +1,10 @@
-"""The resumable state of a training run and preemption, the same for both stages: the best weights and the
-latest state (written aside and renamed, resumed with --resume_from_checkpoint latest), and the stop on SIGTERM
-or SIGUSR1 that saves where the run stands. What counts as "best" is the stage script's choice.
+"""The resumable state of a training run and preemption, the same for both stages: where the run stands
+(RunState), the best weights and the latest state (written aside and renamed, resumed with
+--resume_from_checkpoint latest), and catching SIGTERM or SIGUSR1. When to save, what counts as "best" and when
+to stop are the stage scripts' choices.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,9 +20,37 @@ from timm.utils import ModelEmaV3
 
 from errors import UserError
 from output_files import aside, write_json
-from wfas_data import Loaders
 
 logger = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands, saved as training_state.json in <name>_latest."""
+
+    epoch: int = -1  # the last finished epoch
+    images_done: int = 0  # images of the next epoch trained, over all processes
+    global_step: int = 0  # optimizer updates
+    best_epoch: int = -1
+    best_val_acer: float = math.inf
+    batch_size: int = 0  # what images_done was counted in: a mid-epoch resume needs the same
+    num_processes: int = 1
+    soft_label_folds: int | None = None  # stage 1's fold teachers: a run with another K trains other teachers
+
+    @classmethod
+    def read(cls, path):
+        """The state in a training_state.json; one line for a file this code did not write."""
+        saved = json.loads(Path(path).read_text())
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - names)
+        missing = sorted(names - set(saved) - {"soft_label_folds"})  # stage 2's states have none
+        if unknown or missing:
+            raise UserError(
+                f"{path} is not a state this code can resume (unknown keys: {', '.join(unknown) or 'none'}; "
+                f"missing: {', '.join(missing) or 'none'}): resume with the code that wrote it, or start a new "
+                "--output_dir"
+            )
+        return cls(**saved)
 
 
 class Checkpoints:
@@ -45,14 +75,15 @@ class Checkpoints:
             self.ema = ModelEmaV3(net, decay=decay, use_warmup=True)
         return self.ema
 
-    def resume(self, args, updates_per_epoch):
-        """(state, batches each process skips in the unfinished epoch), from --resume_from_checkpoint or fresh.
-        accelerate's lines say what it could not restore (the RNG of another number of processes, say)."""
-        state = {"epoch": -1, "images_done": 0, "global_step": 0, "best_epoch": -1, "best_val_acer": math.inf}
+    def resume(self, resume_from, *, batch_size, gradient_accumulation_steps, updates_per_epoch):
+        """(RunState, batches each process skips in the unfinished epoch), from resume_from ('latest', a folder,
+        or None: fresh). accelerate's lines say what it could not restore (the RNG of another number of processes,
+        say)."""
+        state = RunState()
         skip_batches = 0
         resume_dir = None
-        if args.resume_from_checkpoint:
-            resume_dir = self.resolve(args.resume_from_checkpoint)
+        if resume_from:
+            resume_dir = self.resolve(resume_from)
 
         if resume_dir:
             logging.getLogger("accelerate").setLevel(logging.INFO)
@@ -60,7 +91,7 @@ class Checkpoints:
                 self.accelerator.load_state(str(resume_dir))
             finally:
                 logging.getLogger("accelerate").setLevel(logging.WARNING)
-            state = json.loads((resume_dir / "training_state.json").read_text())
+            state = RunState.read(resume_dir / "training_state.json")
             if self.ema is not None:
                 if not (resume_dir / "ema.safetensors").is_file():
                     raise UserError(
@@ -70,28 +101,29 @@ class Checkpoints:
                 self.ema.module.load_state_dict(load_file(resume_dir / "ema.safetensors"))
             skip_batches, global_step = self.position(
                 state,
-                args.batch_size,
-                self.accelerator.num_processes,
-                args.gradient_accumulation_steps,
-                updates_per_epoch,
+                batch_size=batch_size,
+                num_processes=self.accelerator.num_processes,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                updates_per_epoch=updates_per_epoch,
             )
-            if global_step != state["global_step"]:
+            if global_step != state.global_step:
                 logger.info(
                     f"The batch size, processes or accumulation changed: the run goes on at update "
-                    f"{global_step} of the new schedule (update {state['global_step']} of the old one)"
+                    f"{global_step} of the new schedule (update {state.global_step} of the old one)"
                 )
-            state["global_step"] = global_step
-            position = f"epoch {state['epoch'] + 1} of {args.num_epochs} done"
+            state.global_step = global_step
+            position = f"epoch {state.epoch + 1} done"
             if skip_batches:
                 position += f" and {skip_batches} batches of the next"
             logger.info(
-                f"Resumed from {resume_dir}: {position}, {state['global_step']} updates, best val ACER "
-                f"{state['best_val_acer']:.4f}"
+                f"Resumed from {resume_dir}: {position}, {state.global_step} updates, best val ACER "
+                f"{state.best_val_acer:.4f}"
             )
-        elif args.resume_from_checkpoint:
+        elif resume_from:
             logger.info(f"No saved state in {self.latest_dir} yet: starting from the beginning")
 
-        state.update(batch_size=args.batch_size, num_processes=self.accelerator.num_processes)
+        state.batch_size = batch_size
+        state.num_processes = self.accelerator.num_processes
         return state, skip_batches
 
     def resolve(self, resume):
@@ -114,19 +146,19 @@ class Checkpoints:
         return None
 
     @staticmethod
-    def position(state, batch_size, num_processes, gradient_accumulation_steps, updates_per_epoch):
+    def position(state, *, batch_size, num_processes, gradient_accumulation_steps, updates_per_epoch):
         """The batches of the unfinished epoch each process skips, and the update an uninterrupted run with these
         settings is at there; counted in images, which holds when the processes or the batch size changed."""
         images_per_batch = batch_size * num_processes
-        if state["images_done"] % images_per_batch:
+        if state.images_done % images_per_batch:
             raise UserError(
-                f"the saved state is {state['images_done']} images into an epoch, not a whole number of "
+                f"the saved state is {state.images_done} images into an epoch, not a whole number of "
                 f"batches of {batch_size} x {num_processes} processes: resume mid-epoch with the batch "
-                f"size and processes it was saved with ({state['batch_size']} x "
-                f"{state['num_processes']}), or from a state saved at the end of an epoch"
+                f"size and processes it was saved with ({state.batch_size} x "
+                f"{state.num_processes}), or from a state saved at the end of an epoch"
             )
-        batches = state["images_done"] // images_per_batch
-        global_step = (state["epoch"] + 1) * updates_per_epoch + batches // gradient_accumulation_steps
+        batches = state.images_done // images_per_batch
+        global_step = (state.epoch + 1) * updates_per_epoch + batches // gradient_accumulation_steps
         return batches, global_step
 
     def save_latest(self, state):
@@ -146,7 +178,7 @@ class Checkpoints:
         if accelerator.is_main_process:
             if self.ema is not None:
                 save_file(self.weights(self.ema.module), tmp / "ema.safetensors")
-            write_json(tmp / "training_state.json", state)  # the last file: it marks tmp complete
+            write_json(tmp / "training_state.json", dataclasses.asdict(state))  # the last file: it marks tmp complete
             if latest.exists():
                 latest.rename(latest.with_name(f"{latest.name}.old-{time.time_ns()}"))
             tmp.rename(latest)
@@ -175,16 +207,15 @@ class Checkpoints:
 
 
 class StopOnSignal:
-    """SIGTERM (preemption) and SIGUSR1 (SLURM's --signal) stop the run where it stands, its state saved. The
-    processes agree on the update through accelerate's trigger, an all-reduce (a host sync), every CHECK_EVERY
-    updates. Loader workers ignore these signals (wfas_data.Loaders); restore() shuts those of `loaders` down."""
+    """Catches SIGTERM (preemption) and SIGUSR1 (SLURM's --signal), for the stage script to save its state and
+    stop. The processes agree on the update through accelerate's trigger, an all-reduce (a host sync), every
+    CHECK_EVERY updates. Loader workers ignore these signals (wfas_data.Loaders)."""
 
     CHECK_EVERY = 10
     HANDLED = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, *loaders):
+    def __init__(self):
         self.signum = None
-        self.loaders = loaders
         if threading.current_thread() is threading.main_thread():  # Python takes signals there only
             for signum in self.HANDLED:
                 signal.signal(signum, self._handler)
@@ -202,17 +233,17 @@ class StopOnSignal:
             accelerator.set_trigger()
         return accelerator.check_trigger()
 
-    def stop(self, latest_dir, state):
+    def stop(self, latest_dir, global_step):
+        """The run's end, its state saved in latest_dir: the exit status says which signal stopped it."""
         signum = self.signum or signal.SIGTERM
         logger.info(
-            f"Stopped by {signal.Signals(signum).name} at update {state['global_step']}; the resumable "
+            f"Stopped by {signal.Signals(signum).name} at update {global_step}; the resumable "
             f"state is in {latest_dir}. To go on, run the same command with --resume_from_checkpoint latest"
         )
         raise SystemExit(128 + signum)
 
     def restore(self):
-        """Past the loop: the workers shut down, and a signal ends the run at once."""
-        Loaders.shut_down(*self.loaders)
+        """Past the loop: a signal ends the run at once."""
         if threading.current_thread() is threading.main_thread():
             for signum in self.HANDLED:
                 signal.signal(signum, signal.SIG_DFL)

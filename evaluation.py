@@ -6,6 +6,7 @@ Conventions: live = 1, spoof = 0, a score is P(live), live when score >= thresho
 """
 
 import csv
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +16,15 @@ from errors import UserError
 from output_files import format_score, write_with
 from progress import progress_bar
 from wfas_data import LIVE, SPOOF, FaceDataset, check_batch, default_loader_settings, to_model_input
+
+
+class Predictions(NamedTuple):
+    """A split's decodable images, one entry each, as stageN_{val,test}_predictions.csv holds them."""
+
+    paths: np.ndarray
+    labels: np.ndarray
+    attack_types: np.ndarray
+    scores: np.ndarray  # P(live)
 
 
 def check_scores(scores):
@@ -83,7 +93,7 @@ def roc_auc(scores, labels):
     return float((ranks[labels == LIVE].sum() - n_live * (n_live + 1) / 2) / (n_live * n_spoof))
 
 
-def compute_metrics(scores, labels, attack_types, threshold=None, unseen_attacks=()):
+def compute_metrics(scores, labels, attack_types, *, threshold=None, unseen_attacks=()):
     """WFAS metrics of P(live) scores, live when score >= threshold (default: their EER point; fit it on val only):
     threshold, acc, apcer, bpcer, acer, auc, eer, apcer_per_attack, worst_apcer, and with unseen_attacks
     {seen,unseen}_{apcer,acer}: the attacks of the types train held or lacked, each against all live images."""
@@ -146,7 +156,7 @@ def format_metrics(metrics, per_attack=False):  # per_attack: the APCER of each 
 
 
 @torch.no_grad()
-def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predicting", log_warning=print):
+def predict_probs(model, loader, accelerator, *, mean, std, tta=False, desc="predicting", log_warning=print):
     """(probs [N, 2], dataset indices [N], decoded-ok mask [N]) of every image of loader, each once across the
     processes, on every process. A model that returns a tuple (the stage 2 student) gives its logits first."""
     model.eval()
@@ -175,41 +185,67 @@ def predict_probs(model, loader, accelerator, mean, std, tta=False, desc="predic
 
 
 def evaluate(
-    model, loader, split_table, accelerator, mean, std, threshold=None, tta=False, desc="val", log_warning=print
+    model, loader, accelerator, *, split_table, mean, std, threshold=None, tta=False, desc="val", log_warning=print
 ):
-    """(loss and metrics of a split at threshold, or its EER point; (paths, labels, attack types, scores) of its
-    decodable images in dataset order)."""
-    probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
+    """(loss and metrics of a split at threshold, or its EER point; the Predictions of its decodable images in
+    dataset order)."""
+    probs, indices, ok = predict_probs(
+        model, loader, accelerator, mean=mean, std=std, tta=tta, desc=desc, log_warning=log_warning
+    )
     order = np.argsort(indices[ok], kind="stable")
     probs = probs[ok][order]
     indices = indices[ok][order]
     labels = split_table.label[indices]
     attack_types = np.array(split_table.attack_types())[indices]
-    metrics = compute_metrics(probs[:, 1], labels, attack_types, threshold, split_table.unseen_attacks)
+    metrics = compute_metrics(
+        probs[:, 1], labels, attack_types, threshold=threshold, unseen_attacks=split_table.unseen_attacks
+    )
     metrics.update(
         loss=float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
         unreadable=int((~ok).sum()),
     )
-    return metrics, (np.array(split_table.paths())[indices], labels, attack_types, probs[:, 1])
+    predictions = Predictions(
+        paths=np.array(split_table.paths())[indices], labels=labels, attack_types=attack_types, scores=probs[:, 1]
+    )
+    return metrics, predictions
 
 
-def write_predictions(path, paths, labels, attack_types, scores):
+def write_predictions(path, predictions):
     """path,label,attack_type,score, the scores exact: the file reproduces the reported metrics."""
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label", "attack_type", "score"])
-            writer.writerows(zip(paths, labels.tolist(), attack_types, map(format_score, scores)))
+            writer.writerows(
+                zip(
+                    predictions.paths,
+                    predictions.labels.tolist(),
+                    predictions.attack_types,
+                    map(format_score, predictions.scores),
+                )
+            )
 
     write_with(path, write)
+
+
+def read_predictions(path):
+    """The Predictions of a stageN_{val,test}_predictions.csv."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return Predictions(
+        paths=np.array([r["path"] for r in rows]),
+        labels=np.array([int(r["label"]) for r in rows]),
+        attack_types=np.array([r["attack_type"] for r in rows]),
+        scores=np.array([float(r["score"]) for r in rows]),
+    )
 
 
 # The error rates a deployer may afford: a threshold is fitted on val for each, and test is scored at it.
 OPERATING_POINT_TARGETS = (("bpcer", 0.01), ("bpcer", 0.001), ("apcer", 0.01), ("apcer", 0.001))
 
 
-def operating_points(val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
+def operating_points(*, val_scores, val_labels, test_scores, test_labels, targets=OPERATING_POINT_TARGETS):
     """For each (error, target), the val threshold that keeps that error within the target with the other as low
     as it goes, and the val and test APCER/BPCER at it. A target below one image of its class on val cannot be
     told from 0 there: that point is fitted to no error on val and flagged resolved=False."""
@@ -263,6 +299,7 @@ def score_table(
     model,
     accelerator,
     table,
+    *,
     img_size,
     face_crop_scale,
     batch_size,
@@ -279,7 +316,9 @@ def score_table(
         torch.utils.data.DataLoader(dataset, batch_size=batch_size, **default_loader_settings(num_workers))
     )
     _, mean, std = networks.model_input(accelerator.unwrap_model(model))
-    probs, indices, ok = predict_probs(model, loader, accelerator, mean, std, tta, desc, log_warning)
+    probs, indices, ok = predict_probs(
+        model, loader, accelerator, mean=mean, std=std, tta=tta, desc=desc, log_warning=log_warning
+    )
     scores = np.full(len(table), np.nan)
     scores[indices[ok]] = probs[ok, 1]
     return scores

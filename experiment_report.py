@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation import check_scores, compute_metrics, roc_auc
+from evaluation import check_scores, compute_metrics, read_predictions, roc_auc
 from output_files import aside
 from wfas_data import LIVE, SPLITS, SPOOF
 
@@ -49,17 +49,6 @@ def plots_up_to_date(output_dir, stage):
     if not all(path.is_file() for path in plots + inputs):
         return False
     return min(path.stat().st_mtime for path in plots) > max(path.stat().st_mtime for path in inputs)
-
-
-def read_predictions_csv(path):
-    """(labels, attack types, scores) of a stageN_{val,test}_predictions.csv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return (
-        np.array([int(r["label"]) for r in rows]),
-        np.array([r["attack_type"] for r in rows]),
-        np.array([float(r["score"]) for r in rows]),
-    )
 
 
 def error_rate_curve(scores, labels):
@@ -100,10 +89,13 @@ def make_plots(output_dir, stage, log=print):
     try:
         results = json.loads((output_dir / RESULTS[stage]).read_text())
         threshold = results["threshold"]
-        val, test = (read_predictions_csv(output_dir / f"{stage}_{name}_predictions.csv") for name in ("val", "test"))
-        test_metrics = compute_metrics(test[2], test[0], test[1], threshold)
+        val = read_predictions(output_dir / f"{stage}_val_predictions.csv")
+        test = read_predictions(output_dir / f"{stage}_test_predictions.csv")
+        test_metrics = compute_metrics(test.scores, test.labels, test.attack_types, threshold=threshold)
         teacher_csv = output_dir / "stage1_test_predictions.csv"
-        teacher_test = read_predictions_csv(teacher_csv) if stage == "stage2" and teacher_csv.is_file() else None
+        teacher_test = None
+        if stage == "stage2" and teacher_csv.is_file():
+            teacher_test = read_predictions(teacher_csv)
         plot_dir.mkdir(parents=True, exist_ok=True)
         fig = Figure(figsize=(13, 3.6))
         axes = fig.subplots(1, 3)
@@ -136,12 +128,14 @@ def make_plots(output_dir, stage, log=print):
         roc, det = fig.subplots(1, 2)
         deviate = NormalDist().inv_cdf
         ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
-        for name, (labels, _, scores) in (("val", val), ("test", test)):
+        for name, predictions in (("val", val), ("test", test)):
+            scores = predictions.scores
+            labels = predictions.labels
             apcer, bpcer = error_rate_curve(scores, labels)
             roc.plot(apcer, 1 - bpcer, label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
             keep = (apcer > 0) & (apcer < 1) & (bpcer > 0) & (bpcer < 1)
             det.plot([deviate(a) for a in apcer[keep]], [deviate(b) for b in bpcer[keep]], label=name)
-            point = compute_metrics(scores, labels, np.full(len(labels), "x"), threshold)
+            point = compute_metrics(scores, labels, np.full(len(labels), "x"), threshold=threshold)
             roc.plot(point["apcer"], 1 - point["bpcer"], "o", color=roc.lines[-1].get_color())
             if 0 < point["apcer"] < 1 and 0 < point["bpcer"] < 1:
                 det.plot(deviate(point["apcer"]), deviate(point["bpcer"]), "o", color=det.lines[-1].get_color())
@@ -158,7 +152,8 @@ def make_plots(output_dir, stage, log=print):
         det.legend(fontsize=8)
         save(fig, "roc_det")
 
-        labels, _, scores = test
+        labels = test.labels
+        scores = test.scores
         fig = Figure(figsize=(6, 3.6))
         axis = fig.subplots()
         bins = np.linspace(0, 1, 41)
@@ -179,12 +174,13 @@ def make_plots(output_dir, stage, log=print):
         if teacher_test is not None:
             fig = Figure(figsize=(10, 4))
             roc, bars = fig.subplots(1, 2)
-            for name, (labels, types, scores) in (("teacher (stage 1)", teacher_test), ("student (stage 2)", test)):
-                apcer, bpcer = error_rate_curve(scores, labels)
-                roc.plot(apcer, 1 - bpcer, label=f"{name}, AUC {roc_auc(scores, labels):.3f}")
+            for name, predictions in (("teacher (stage 1)", teacher_test), ("student (stage 2)", test)):
+                apcer, bpcer = error_rate_curve(predictions.scores, predictions.labels)
+                auc = roc_auc(predictions.scores, predictions.labels)
+                roc.plot(apcer, 1 - bpcer, label=f"{name}, AUC {auc:.3f}")
             roc.set(title="test ROC", xlabel="APCER", ylabel="1 - BPCER")
             roc.legend(fontsize=8)
-            teacher_metrics = compute_metrics(teacher_test[2], teacher_test[0], teacher_test[1], threshold=None)
+            teacher_metrics = compute_metrics(teacher_test.scores, teacher_test.labels, teacher_test.attack_types)
             names = ["acer", "apcer", "bpcer", "eer"]
             x = np.arange(len(names))
             bars.bar(x - 0.2, [teacher_metrics[n] for n in names], 0.4, label="teacher (its own EER point)")

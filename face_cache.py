@@ -104,7 +104,7 @@ class FaceCache:
 class _CropEncoder(torch.utils.data.Dataset):
     """(row, JPEG bytes of the stored crop or None, error kind, error) for the rows of one build."""
 
-    def __init__(self, table, rows, size, face_crop_scale):
+    def __init__(self, table, rows, *, size, face_crop_scale):
         self.table = table
         self.rows = rows
         self.size = size
@@ -131,7 +131,7 @@ class _CropEncoder(torch.utils.data.Dataset):
         return row, buffer.getvalue(), "", ""
 
 
-def _write_shard(folder, shard, encoded, errors, process_index):
+def _write_shard(folder, shard, *, encoded, errors, process_index):
     """One shard file and its record, each written aside and renamed: the record is what marks it done."""
     name = f"shard_{shard:05d}.bin"
     tmp = aside(folder / name)
@@ -157,6 +157,7 @@ def build_face_cache(
     table,
     cache_dir,
     img_size,
+    *,
     face_crop_scale=DEFAULT_FACE_CROP_SCALE,
     workers=8,
     process_index=0,
@@ -184,10 +185,10 @@ def build_face_cache(
                 + (f", {len(done)} done by an earlier build" if done else "")
                 + (f", shared by {num_processes} processes" if num_processes > 1 else "")
             )
-        _build_shards(table, folder, mine, params, workers, process_index, log)
+        _build_shards(table, folder, shards=mine, params=params, workers=workers, process_index=process_index, log=log)
         wait_for_everyone()
         if process_index == 0:
-            _write_manifest(folder, num_shards, params, log)
+            _write_manifest(folder, num_shards=num_shards, params=params, log=log)
         wait_for_everyone()
         cache = FaceCache(folder, params)
         cache.built_now = True
@@ -195,22 +196,22 @@ def build_face_cache(
     return FaceCache(folder, params)
 
 
-def build_for_processes(table, cache_dir, img_size, face_crop_scale, workers, accelerator, log=print):
+def build_for_processes(table, cache_dir, *, img_size, face_crop_scale, workers, accelerator, log=print):
     """build_face_cache shared by the processes of a run: each builds its own shards."""
     return build_face_cache(
         table,
         cache_dir,
         img_size,
-        face_crop_scale,
-        workers,
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.wait_for_everyone,
-        log,
+        face_crop_scale=face_crop_scale,
+        workers=workers,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        wait_for_everyone=accelerator.wait_for_everyone,
+        log=log,
     )
 
 
-def _build_shards(table, folder, shards, params, workers, process_index, log):
+def _build_shards(table, folder, *, shards, params, workers, process_index, log):
     rows = (
         np.concatenate(
             [np.arange(k * FACE_CACHE_SHARD_SIZE, min((k + 1) * FACE_CACHE_SHARD_SIZE, len(table))) for k in shards]
@@ -218,7 +219,7 @@ def _build_shards(table, folder, shards, params, workers, process_index, log):
         if shards
         else np.array([], dtype=np.int64)
     )
-    encoder = _CropEncoder(table, rows, params["stored_size"], params["face_crop_scale"])
+    encoder = _CropEncoder(table, rows, size=params["stored_size"], face_crop_scale=params["face_crop_scale"])
     loader = torch.utils.data.DataLoader(
         encoder, batch_size=None, num_workers=workers, prefetch_factor=16 if workers else None
     )
@@ -242,7 +243,7 @@ def _build_shards(table, folder, shards, params, workers, process_index, log):
             errors[str(row)] = error
         encoded.append(data or b"")
         if len(encoded) == sizes[shard_index]:
-            _write_shard(folder, shards[shard_index], encoded, errors, process_index)
+            _write_shard(folder, shards[shard_index], encoded=encoded, errors=errors, process_index=process_index)
             shard_index = shard_index + 1
             encoded = []
             errors = {}
@@ -253,7 +254,7 @@ def _build_shards(table, folder, shards, params, workers, process_index, log):
         )
 
 
-def _write_manifest(folder, num_shards, params, log):
+def _write_manifest(folder, *, num_shards, params, log):
     shards = []
     undecodable = {}
     for k in range(num_shards):

@@ -45,7 +45,7 @@ class LivenessModel:
     def load(cls, output_dir, stage=2, checkpoint=None, onnx_path=None, threads=None):
         if onnx_path:
             return cls.from_onnx(onnx_path, threads)
-        return cls.from_checkpoint(output_dir, stage, checkpoint, threads)
+        return cls.from_checkpoint(output_dir, stage=stage, checkpoint=checkpoint, threads=threads)
 
     @classmethod
     def from_checkpoint(cls, output_dir, stage, checkpoint, threads):
@@ -100,7 +100,9 @@ class LivenessModel:
         resize = wfas_data.eval_transform(self.img_size)
         crops = []
         for face in faces:
-            left, top, right, bottom = wfas_data.face_crop_box(np.array(face.box), width, height, self.face_crop_scale)
+            left, top, right, bottom = wfas_data.face_crop_box(
+                np.array(face.box), width, height, scale=self.face_crop_scale
+            )
             crop = image[round(top) : round(bottom), round(left) : round(right)]
             crops.append(resize(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)))
         return torch.stack(crops).numpy()
@@ -159,10 +161,7 @@ class OnnxNetwork(torch.nn.Module):
         crops = ((images * self.std + self.mean) * 255).round().clamp(0, 255).to(torch.uint8)
         p_live = torch.from_numpy(self.session.run(None, {"face_crops": crops.cpu().numpy()})[0]).to(images.device)
         p_live = p_live.clamp(1e-7, 1 - 1e-7)
-        logits = [torch.log1p(-p_live), torch.log(p_live)]
-        if wfas_data.LIVE == 0:
-            logits.reverse()
-        return torch.stack(logits, dim=1)
+        return torch.stack([torch.log1p(-p_live), torch.log(p_live)], dim=1)  # [spoof, live], as wfas_data's
 
 
 def decision(p_live, threshold):
@@ -178,34 +177,40 @@ def operating_points(points):
 
 
 class ImageRefused(UserError):
-    """An upload that cannot be scored; status: the HTTP status a service answers it with."""
+    """An upload that cannot be scored."""
 
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.status = status
+
+class EmptyImage(ImageRefused):
+    pass
+
+
+class ImageTooLarge(ImageRefused):
+    pass
+
+
+class NotAnImage(ImageRefused):
+    pass
 
 
 def decode_image(data, max_pixels):
-    """An uploaded image as EXIF-oriented RGB (H x W x 3 uint8); ImageRefused for what is empty (400), over
-    max_pixels (413, read from the header before the pixels are decoded: a decompression bomb stays small) or not
-    an image (415)."""
+    """An uploaded image as EXIF-oriented RGB (H x W x 3 uint8); EmptyImage, ImageTooLarge over max_pixels (read
+    from the header before the pixels are decoded: a decompression bomb stays small) or NotAnImage."""
     if not data:
-        raise ImageRefused("the upload is empty: send a JPEG or PNG photo", 400)
+        raise EmptyImage("the upload is empty: send a JPEG or PNG photo")
     try:
         with Image.open(io.BytesIO(data)) as image:
             pixels = image.width * image.height
             if pixels > max_pixels:
-                raise ImageRefused(
+                raise ImageTooLarge(
                     f"the image is {image.width}x{image.height} = {pixels} pixels, over the limit of {max_pixels}; "
-                    "send a smaller one",
-                    413,
+                    "send a smaller one"
                 )
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Image.DecompressionBombError:  # Pillow's own limit, met at the header too
-        raise ImageRefused(f"the image is over the limit of {max_pixels} pixels (a decompression bomb?)", 413) from None
+        raise ImageTooLarge(f"the image is over the limit of {max_pixels} pixels (a decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError) as error:
         message = f"the upload is not an image that can be decoded ({type(error).__name__})"
-        raise ImageRefused(message, 415) from None
+        raise NotAnImage(message) from None
 
 
 def detect_faces(detector, image):

@@ -90,9 +90,9 @@ def stage2_loss(
     each of STAGE2_TERMS, e.g. {"focal": 1.0, "triplet": 0.5, "kd": 1.0}. Returns the total and each part
     (detached) for logging; a term of weight 0 is still computed and logged."""
     terms = {
-        "focal": lambda: focal_loss(logits, labels, focal_gamma, focal_alpha, weights),
-        "triplet": lambda: batch_hard_triplet_loss(embeddings, labels, triplet_margin, weights),
-        "kd": lambda: distillation_loss(logits, teacher_probs, kd_temperature, weights),
+        "focal": lambda: focal_loss(logits, labels, gamma=focal_gamma, alpha=focal_alpha, weights=weights),
+        "triplet": lambda: batch_hard_triplet_loss(embeddings, labels, margin=triplet_margin, weights=weights),
+        "kd": lambda: distillation_loss(logits, teacher_probs, temperature=kd_temperature, weights=weights),
     }
     if set(term_weights) != set(terms):
         raise ValueError(f"term_weights must weigh each of {sorted(terms)}, got {sorted(term_weights)}")

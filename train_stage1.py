@@ -13,8 +13,10 @@ run the same way (the run's frame, checkpoints, evaluation, networks) is in the 
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import functools
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchvision.transforms import v2 as T
 
+import challenge
 import evaluation
 import experiment_report
 import face_cache
@@ -228,13 +231,16 @@ def assign_folds(train, num_folds, seed):
     return folds
 
 
-def mean_of_folds(fold_rows, split_table, threshold=None):
-    paths, labels, attack_types, _ = fold_rows[0]  # the fold teachers' rows of a split list the same images
-    scores = np.mean([rows[3] for rows in fold_rows], axis=0)
-    metrics = evaluation.compute_metrics(scores, labels, attack_types, threshold, split_table.unseen_attacks)
-    true_class_probs = np.clip(np.where(labels == wfas_data.LIVE, scores, 1 - scores), 1e-12, None)
-    metrics.update(loss=float(-np.log(true_class_probs).mean()), unreadable=len(split_table) - len(labels))
-    return metrics, (paths, labels, attack_types, scores)
+def mean_of_folds(fold_predictions, split_table, threshold=None):
+    """(metrics, Predictions) of the fold teachers' mean scores of a split, at threshold or its EER point."""
+    first = fold_predictions[0]  # the fold teachers' predictions of a split list the same images
+    scores = np.mean([predictions.scores for predictions in fold_predictions], axis=0)
+    metrics = evaluation.compute_metrics(
+        scores, first.labels, first.attack_types, threshold=threshold, unseen_attacks=split_table.unseen_attacks
+    )
+    true_class_probs = np.clip(np.where(first.labels == wfas_data.LIVE, scores, 1 - scores), 1e-12, None)
+    metrics.update(loss=float(-np.log(true_class_probs).mean()), unreadable=len(split_table) - len(first.labels))
+    return metrics, first._replace(scores=scores)
 
 
 def write_folds(path, train, folds):
@@ -250,7 +256,20 @@ def write_soft_labels(path, soft_labels):
     write_with(path, lambda tmp: torch.save(soft_labels, tmp))
 
 
-def build_scheduler(optimizer, args, updates_per_epoch, total_updates):
+def create_teacher(args):
+    """A new teacher from the flags (for each fold teacher)."""
+    return networks.create_model(
+        args.model_name,
+        img_size=args.img_size,
+        pretrained=args.pretrained,
+        pretrained_file=args.pretrained_file,
+        cache_dir=args.model_cache_dir,
+        drop_path_rate=args.drop_path_rate,
+        channels_last=args.channels_last,
+    )
+
+
+def build_scheduler(optimizer, args, *, updates_per_epoch, total_updates):
     """Warmup, then cosine decay to LR_FLOOR of the peak, per update; a function of the update count and this
     run's flags alone, so a resumed run follows the schedule an uninterrupted run with its flags would."""
     warmup = min(round(args.warmup_epochs * updates_per_epoch), total_updates // 2)  # short runs still decay
@@ -265,6 +284,254 @@ def build_scheduler(optimizer, args, updates_per_epoch, total_updates):
     )
 
 
+def train_one_epoch(
+    epoch,
+    args,
+    *,
+    accelerator,
+    model,
+    forward,
+    teacher,
+    ema,
+    optimizer,
+    scheduler,
+    train_loader,
+    skip_batches,
+    state,
+    total_updates,
+    checkpoints,
+    stopper,
+    run_log,
+    mean,
+    std,
+):
+    """One pass over train, from batch skip_batches on (a mid-epoch resume): each update's clipping, optimizer
+    step, schedule step, EMA update, checkpoint and stop check. Returns the epoch's meter."""
+    model.train()
+    train_loader.set_epoch(epoch)
+    meter = EpochMeter(accelerator, warn)
+    batches = train_loader
+    if skip_batches:  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
+        batches = accelerator.skip_first_batches(train_loader, skip_batches)
+
+    for batch in meter.timed(batches):
+        with accelerator.accumulate(model):
+            images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
+            # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
+            loss = losses.cross_entropy(forward(images), batch["label"], weights=batch["ok"].float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()  # accelerate steps only at the end of an accumulation
+            optimizer.zero_grad()
+        state.images_done += meter.add(batch, loss)
+        if not accelerator.sync_gradients:
+            continue
+
+        state.global_step += 1
+        scheduler.step_update(state.global_step)
+        if ema is not None:
+            ema.update(teacher, step=state.global_step)
+        run_log.show_update(meter)
+        if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+            checkpoints.save_latest(state)
+            logger.info(
+                f"Wrote {checkpoints.latest_dir} at update {state.global_step} (epoch {epoch + 1}, "
+                f"{state.images_done} images)"
+            )
+        if stopper.requested(accelerator, update=state.global_step):
+            checkpoints.save_latest(state)
+            stopper.stop(checkpoints.latest_dir, state.global_step)
+        if state.global_step >= total_updates:
+            break
+    return meter
+
+
+@dataclasses.dataclass
+class TrainedTeacher:
+    """What one teacher leaves: its val and test predictions (the threshold and the teacher's metrics come from
+    them), the soft labels of the images it labelled, those it could not decode, and its line in the results."""
+
+    val: evaluation.Predictions
+    test: evaluation.Predictions
+    soft_labels: dict
+    undecodable: list
+    summary: dict
+    totals: dict
+
+
+def train_teacher(args, *, fold, folds, teacher, splits, face_dataset, loaders, accelerator, metadata, start_time):
+    """Trains a teacher, keeps its best epoch (the lowest val ACER) and scores val, test and the train images it
+    labels with it. One fold: all of train, labelled by the teacher that trained on it; K folds: the teacher of
+    `fold` trains on the others and labels this one."""
+    fold_start = time.time()
+    num_folds = args.soft_label_folds
+    output_dir = Path(args.output_dir)
+    name = STAGE
+    desc = "stage 1"
+    summary_name = "summary.csv"
+    trained_on = splits["train"]
+    if num_folds > 1:
+        name = f"{STAGE}_fold{fold}"
+        desc += f" fold {fold + 1}/{num_folds}"
+        summary_name = f"summary_fold{fold}.csv"
+        trained_on = splits["train"].select(folds != fold)
+    labelled = splits["train"].select(folds == fold)
+    img_size, mean, std = networks.model_input(teacher, args.img_size)
+
+    # One prepare(): the model, its optimizer and every loader the teacher reads.
+    train_loader = loaders.make(
+        face_dataset(trained_on, transform=train_transform(img_size)), shuffle=True, persistent=True
+    )
+    val_loader = loaders.make(face_dataset(splits["val"]), persistent=True)
+    test_loader = loaders.make(face_dataset(splits["test"]))
+    labelled_loader = loaders.make(face_dataset(labelled))
+    optimizer = create_optimizer_v2(
+        teacher,
+        "adamw",
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        fused=accelerator.device.type in ("cpu", "cuda"),  # docs/performance.md
+    )
+    model, optimizer, train_loader, val_loader, test_loader, labelled_loader = accelerator.prepare(
+        teacher, optimizer, train_loader, val_loader, test_loader, labelled_loader
+    )
+    set_seed(args.seed + fold, device_specific=True)
+    checkpoints = Checkpoints(accelerator, output_dir, STAGE, name=name)
+    ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
+    forward = networks.compiled(model, args.compile)
+    validated = forward
+    if ema is not None:
+        validated = networks.compiled(ema.module, args.compile)
+
+    # The schedule: per update, over the whole run, picked up where a resumed run stood.
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_updates = min(args.num_epochs * updates_per_epoch, args.max_train_steps or math.inf)
+    scheduler = build_scheduler(optimizer, args, updates_per_epoch=updates_per_epoch, total_updates=total_updates)
+    state, skip_batches = checkpoints.resume(
+        args.resume_from_checkpoint,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        updates_per_epoch=updates_per_epoch,
+    )
+    saved_folds = state.soft_label_folds or num_folds  # None: a fresh state
+    if saved_folds != num_folds:
+        raise UserError(
+            f"{checkpoints.latest_dir} was saved by a run with --soft_label_folds {saved_folds}: resume with it, "
+            "or start a new --output_dir"
+        )
+    state.soft_label_folds = num_folds
+    scheduler.step_update(state.global_step)
+
+    stopper = StopOnSignal()
+    run_log = RunLog(
+        accelerator,
+        num_epochs=args.num_epochs,
+        updates_per_epoch=updates_per_epoch,
+        total_updates=total_updates,
+        first_update=state.global_step,
+        start_time=start_time,
+        desc=desc,
+        summary_path=output_dir / "logs" / STAGE / summary_name,
+    )
+    for epoch in range(state.epoch + 1, args.num_epochs):
+        if state.global_step >= total_updates:
+            break
+        meter = train_one_epoch(
+            epoch,
+            args,
+            accelerator=accelerator,
+            model=model,
+            forward=forward,
+            teacher=teacher,
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=train_loader,
+            skip_batches=skip_batches,
+            state=state,
+            total_updates=total_updates,
+            checkpoints=checkpoints,
+            stopper=stopper,
+            run_log=run_log,
+            mean=mean,
+            std=std,
+        )
+        skip_batches = 0
+        train = meter.finish()
+
+        # The best teacher: the lowest val ACER.
+        val, _ = evaluation.evaluate(
+            validated, val_loader, accelerator, split_table=splits["val"], mean=mean, std=std, log_warning=warn
+        )
+        state.epoch = epoch
+        state.images_done = 0
+        improved = val["acer"] < state.best_val_acer
+        if improved:
+            state.best_epoch = epoch
+            state.best_val_acer = val["acer"]
+            kept = ema.module if ema else teacher
+            checkpoints.save_best(kept, {**metadata, "epoch": str(epoch), "val_metrics": val})
+        checkpoints.save_latest(state)
+        lr = optimizer.param_groups[0]["lr"]
+        run_log.log_epoch(
+            epoch, train=train, val=val, meter=meter, lr=lr, improved=improved, global_step=state.global_step
+        )
+        if stopper.requested(accelerator):
+            stopper.stop(checkpoints.latest_dir, state.global_step)
+    run_log.close()
+    loaders.shut_down(train_loader, val_loader)
+    stopper.restore()
+    checkpoints.load_best(teacher)
+
+    # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
+    val, val_predictions = evaluation.evaluate(
+        forward, val_loader, accelerator, split_table=splits["val"], mean=mean, std=std, tta=args.tta, log_warning=warn
+    )
+    _, test_predictions = evaluation.evaluate(
+        forward,
+        test_loader,
+        accelerator,
+        split_table=splits["test"],
+        mean=mean,
+        std=std,
+        tta=args.tta,
+        desc="test",
+        log_warning=warn,
+    )
+
+    # The soft labels of the images this teacher never trained on (one fold: all of train).
+    probs, indices, ok = evaluation.predict_probs(
+        forward, labelled_loader, accelerator, mean=mean, std=std, tta=args.tta, desc="soft labels", log_warning=warn
+    )
+    paths = labelled.paths()
+    soft_labels = {paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices[ok], probs[ok])}
+    summary = {
+        "fold": fold,
+        "train_images": len(trained_on),
+        "labelled_images": len(labelled),
+        "best_epoch": state.best_epoch + 1,
+        "val_acer": val["acer"],
+        "updates": state.global_step,
+        "seconds": round(time.time() - fold_start, 1),
+        "checkpoint": str(checkpoints.best_path),
+    }
+    if num_folds > 1:
+        logger.info(
+            f"Fold {fold + 1}/{num_folds}: trained on {len(trained_on)} images, best epoch "
+            f"{state.best_epoch + 1} (val ACER {val['acer']:.4f}), labelled {len(labelled)} "
+            f"images it never saw, {datetime.timedelta(seconds=round(time.time() - fold_start))}"
+        )
+    return TrainedTeacher(
+        val=val_predictions,
+        test=test_predictions,
+        soft_labels=soft_labels,
+        undecodable=[paths[i] for i in indices[~ok]],
+        summary=summary,
+        totals=run_log.totals(),
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     start_time = time.time()
@@ -276,32 +543,47 @@ def main(argv=None):
         table = wfas_data.load_or_create_split(
             args.data_root,
             output_dir,
-            args.val_fraction,
-            args.test_fraction,
-            args.seed,
-            logger.info,
-            args.unseen_attacks,
-            args.split_by,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            log=logger.info,
+            unseen_attacks=args.unseen_attacks,
+            split_by=args.split_by,
         )
-        return table, networks.create_from_flags(args)
+        return table, create_teacher(args)
 
     table, teacher = training_run.main_process_first(accelerator, load_split_and_model)
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
-    img_size, mean, std = networks.model_input(teacher, args.img_size)
-    compute = networks.compute_budget(teacher, args.model_name, img_size)
+    img_size, _, _ = networks.model_input(teacher, args.img_size)
+    compute = challenge.compute_budget(teacher, args.model_name, img_size)
     loaders = wfas_data.Loaders(args.batch_size, args.num_workers)
     cache = None
     if args.face_cache:  # all processes build it together when it is missing
-        workers = loaders.settings["num_workers"]
         cache = face_cache.build_for_processes(
-            table, args.face_cache_dir, img_size, args.face_crop_scale, workers, accelerator, logger.info
+            table,
+            args.face_cache_dir,
+            img_size=img_size,
+            face_crop_scale=args.face_crop_scale,
+            workers=loaders.settings["num_workers"],
+            accelerator=accelerator,
+            log=logger.info,
         )
-    training_run.log_setup(accelerator, args, STAGE, table, img_size, compute, loaders, cache, log_file)
-    eval_sets = {
-        name: wfas_data.FaceDataset(splits[name], img_size, None, args.face_crop_scale, cache)
-        for name in ("val", "test")
-    }
+    face_dataset = functools.partial(
+        wfas_data.FaceDataset, img_size=img_size, face_crop_scale=args.face_crop_scale, cache=cache
+    )
+    weights = "pretrained" if args.pretrained else "from scratch"
+    batch = f"{args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}"
+    training_run.log_setup(
+        accelerator,
+        description=f"Stage 1: {args.model_name} ({weights}), image size {img_size}, batch {batch}",
+        compute=compute,
+        broken_rules=challenge.rules_broken(pretrained=args.pretrained),
+        table=table,
+        loader_line=loaders.describe(cache),
+        log_file=log_file,
+    )
 
+    # The teachers: one by default; with --soft_label_folds K, one per subject-disjoint fold of train.
     num_folds = args.soft_label_folds
     folds = assign_folds(splits["train"], num_folds, args.seed)
     if num_folds > 1:
@@ -309,154 +591,39 @@ def main(argv=None):
             f"Out-of-fold soft labels: {num_folds} teachers, each trained on {num_folds - 1} of {num_folds} "
             f"subject-disjoint folds of train and labelling the other ({np.bincount(folds).tolist()} images)"
         )
-    best_metadata = {
+    metadata = {
         "model_name": args.model_name,
         "img_size": str(img_size),
         "face_crop_scale": str(args.face_crop_scale),
         "compute": compute,
     }
-    fold_summaries = []
-    soft_labels = {}
-    undecodable = []
-    val_rows = []
-    test_rows = []
-
-    # One fold: the teacher trains on all of train and labels its own images.
+    teachers = []
     for fold in range(num_folds):
-        fold_start = time.time()
-        name = STAGE if num_folds == 1 else f"{STAGE}_fold{fold}"
         if fold > 0:  # a fresh teacher, the same way: accelerate forgets the last one, whose state is saved
             accelerator.free_memory()
             set_seed(args.seed + fold)
-            teacher = networks.create_from_flags(args)
-        trained_on = splits["train"]
-        if num_folds > 1:
-            trained_on = splits["train"].select(folds != fold)
-        checkpoints = Checkpoints(accelerator, output_dir, STAGE, name)
-
-        train_set = wfas_data.FaceDataset(trained_on, img_size, train_transform(img_size), args.face_crop_scale, cache)
-        train_loader = loaders.make(train_set, shuffle=True, persistent=True)
-        val_loader = loaders.make(eval_sets["val"], persistent=True)
-        optimizer = create_optimizer_v2(
-            teacher,
-            "adamw",
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
-            fused=accelerator.device.type in ("cpu", "cuda"),  # docs/performance.md
+            teacher = create_teacher(args)
+        trained = train_teacher(
+            args,
+            fold=fold,
+            folds=folds,
+            teacher=teacher,
+            splits=splits,
+            face_dataset=face_dataset,
+            loaders=loaders,
+            accelerator=accelerator,
+            metadata=metadata,
+            start_time=start_time,
         )
-        model, optimizer, train_loader, val_loader = accelerator.prepare(teacher, optimizer, train_loader, val_loader)
-        set_seed(args.seed + fold, device_specific=True)
-        ema = checkpoints.track_ema(teacher, args.model_ema_decay)  # when on, what is validated, kept and deployed
-        forward = networks.compiled(model, args.compile)
-        validated = forward
-        if ema is not None:
-            validated = networks.compiled(ema.module, args.compile)
-        updates_per_epoch, total_updates = training_run.count_updates(args, len(train_loader))
-        scheduler = build_scheduler(optimizer, args, updates_per_epoch, total_updates)
-        state, skip_batches = checkpoints.resume(args, updates_per_epoch)
-        if state.setdefault("soft_label_folds", num_folds) != num_folds:
-            raise UserError(
-                f"{checkpoints.latest_dir} was saved by a run with --soft_label_folds "
-                f"{state['soft_label_folds']}: resume with it, or start a new --output_dir"
-            )
-        scheduler.step_update(state["global_step"])
-
-        stopper = StopOnSignal(train_loader, val_loader)
-        desc = "stage 1"
-        summary_name = "summary.csv"
-        if num_folds > 1:
-            desc += f" fold {fold + 1}/{num_folds}"
-            summary_name = f"summary_fold{fold}.csv"
-        summary_path = output_dir / "logs" / STAGE / summary_name
-        run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, desc, summary_path)
-        for epoch in range(state["epoch"] + 1, args.num_epochs):
-            if state["global_step"] >= total_updates:
-                break
-            model.train()
-            train_loader.set_epoch(epoch)
-            meter = EpochMeter(accelerator, state, warn)
-            batches = train_loader
-            if skip_batches:  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
-                batches = accelerator.skip_first_batches(train_loader, skip_batches)
-                skip_batches = 0
-            for batch in meter.timed(batches):
-                with accelerator.accumulate(model):
-                    images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
-                    # undecodable images were replaced by zeros: weighted out of the loss, without a host sync
-                    loss = losses.cross_entropy(forward(images), batch["label"], weights=batch["ok"].float())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    if ema is not None and accelerator.sync_gradients:
-                        ema.update(teacher, step=state["global_step"] + 1)
-                meter.add(batch, loss)
-                if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
-                    break
-            train = meter.finish()
-
-            # The best teacher: the lowest val ACER.
-            val, _ = evaluation.evaluate(validated, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
-            state["epoch"] = epoch
-            state["images_done"] = 0
-            improved = val["acer"] < state["best_val_acer"]
-            if improved:
-                state["best_epoch"] = epoch
-                state["best_val_acer"] = val["acer"]
-                kept = ema.module if ema else teacher
-                checkpoints.save_best(kept, {**best_metadata, "epoch": str(epoch), "val_metrics": val})
-            checkpoints.save_latest(state)
-            run_log.log_epoch(epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
-            if stopper.requested(accelerator):
-                stopper.stop(checkpoints.latest_dir, state)
-        run_log.progress.close()
-        stopper.restore()
-        checkpoints.load_best(teacher)
-
-        # Val is scored again as test will be (with --tta too), so that the threshold fits the test scores.
-        fold_val, rows = evaluation.evaluate(
-            forward, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
-        )
-        val_rows.append(rows)
-        test_loader = accelerator.prepare(loaders.make(eval_sets["test"]))
-        _, rows = evaluation.evaluate(
-            forward, test_loader, splits["test"], accelerator, mean, std, tta=args.tta, desc="test", log_warning=warn
-        )
-        test_rows.append(rows)
-
-        # The soft labels of the images this teacher never trained on (one fold: all of train).
-        labelled = splits["train"].select(folds == fold)
-        soft_dataset = wfas_data.FaceDataset(labelled, img_size, face_crop_scale=args.face_crop_scale, cache=cache)
-        soft_loader = accelerator.prepare(loaders.make(soft_dataset))
-        probs, indices, ok = evaluation.predict_probs(
-            forward, soft_loader, accelerator, mean, std, args.tta, "soft labels", warn
-        )
-        paths = labelled.paths()
-        soft_labels.update({paths[i]: [float(p[0]), float(p[1])] for i, p in zip(indices[ok], probs[ok])})
-        undecodable += [paths[i] for i in indices[~ok]]
-        fold_summaries.append(
-            {
-                "fold": fold,
-                "train_images": len(trained_on),
-                "labelled_images": len(labelled),
-                "best_epoch": state["best_epoch"] + 1,
-                "val_acer": fold_val["acer"],
-                "updates": state["global_step"],
-                "seconds": round(time.time() - fold_start, 1),
-                "checkpoint": str(checkpoints.best_path),
-            }
-        )
-        if num_folds > 1:
-            logger.info(
-                f"Fold {fold + 1}/{num_folds}: trained on {len(trained_on)} images, best epoch "
-                f"{state['best_epoch'] + 1} (val ACER {fold_val['acer']:.4f}), labelled {len(labelled)} "
-                f"images it never saw, {datetime.timedelta(seconds=round(time.time() - fold_start))}"
-            )
+        teachers.append(trained)
 
     # The teacher's val and test: the mean of the fold teachers' scores (one fold: its own), the threshold on val.
-    best_val, val_rows = mean_of_folds(val_rows, splits["val"])
-    test, test_rows = mean_of_folds(test_rows, splits["test"], best_val["threshold"])
+    best_val, val_predictions = mean_of_folds([t.val for t in teachers], splits["val"])
+    test, test_predictions = mean_of_folds([t.test for t in teachers], splits["test"], best_val["threshold"])
+    soft_labels = {}
+    for trained in teachers:
+        soft_labels.update(trained.soft_labels)
+    fold_summaries = [trained.summary for trained in teachers]
     best_fold = min(fold_summaries, key=lambda summary: summary["val_acer"])
     teacher_name = f"Best epoch {best_fold['best_epoch']}"
     if num_folds > 1:
@@ -476,24 +643,24 @@ def main(argv=None):
         "num_soft_labels": len(soft_labels),
         "num_train_images": len(splits["train"]),
         # stage 2 checks the soft labels' coverage against the images that could be read
-        "undecodable_train_images": sorted(undecodable),
+        "undecodable_train_images": sorted(path for trained in teachers for path in trained.undecodable),
         "soft_label_folds": {
             "num_folds": num_folds,
             "file": str(output_dir / f"{STAGE}_folds.csv"),
             "deployed": best_fold["checkpoint"],
             "folds": fold_summaries,
         },
-        **run_log.totals(),
+        **teachers[-1].totals,
         "compute": compute,
     }
     if accelerator.is_main_process:
         if num_folds > 1:  # the deployable teacher: the fold teacher with the best val ACER
-            deployed = checkpoints.best_path.with_name(f"{STAGE}_best.safetensors")
+            deployed = output_dir / "checkpoints" / STAGE / f"{STAGE}_best.safetensors"
             write_with(deployed, lambda tmp: shutil.copyfile(best_fold["checkpoint"], tmp))
         write_folds(output_dir / f"{STAGE}_folds.csv", splits["train"], folds)
         write_soft_labels(soft_labels_path, soft_labels)
-        evaluation.write_predictions(output_dir / f"{STAGE}_val_predictions.csv", *val_rows)
-        evaluation.write_predictions(output_dir / f"{STAGE}_test_predictions.csv", *test_rows)
+        evaluation.write_predictions(output_dir / f"{STAGE}_val_predictions.csv", val_predictions)
+        evaluation.write_predictions(output_dir / f"{STAGE}_test_predictions.csv", test_predictions)
         write_json(output_dir / f"{STAGE}_results.json", results)
         logger.info(
             f"Wrote {results['num_soft_labels']} soft labels to {soft_labels_path} and results to "

@@ -11,6 +11,7 @@ run the same way (the run's frame, checkpoints, evaluation, networks) is in the 
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -26,6 +27,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchvision.transforms import v2 as T
 
+import challenge
 import evaluation
 import experiment_report
 import face_cache
@@ -238,7 +240,7 @@ def train_transform(img_size):
     )
 
 
-def build_scheduler(optimizer, args, updates_per_epoch, total_updates):
+def build_scheduler(optimizer, args, *, updates_per_epoch, total_updates):
     """Warmup, then cosine decay to LR_FLOOR of the peak, per update (as stage 1's, tuned apart); a function of
     the update count and this run's flags alone, so a resumed run follows an uninterrupted run's schedule."""
     warmup = min(round(args.warmup_epochs * updates_per_epoch), total_updates // 2)  # short runs still decay
@@ -251,6 +253,237 @@ def build_scheduler(optimizer, args, updates_per_epoch, total_updates):
         warmup_lr_init=floor,
         warmup_prefix=True,
         t_in_epochs=False,
+    )
+
+
+def train_one_epoch(
+    epoch,
+    args,
+    *,
+    accelerator,
+    model,
+    forward,
+    net,
+    ema,
+    criterion,
+    soft_targets,
+    optimizer,
+    scheduler,
+    train_loader,
+    skip_batches,
+    state,
+    total_updates,
+    checkpoints,
+    stopper,
+    run_log,
+    mean,
+    std,
+):
+    """One pass over train, from batch skip_batches on (a mid-epoch resume): each update's clipping, optimizer
+    step, schedule step, EMA update, checkpoint and stop check. Returns the epoch's meter."""
+    model.train()
+    train_loader.set_epoch(epoch)
+    meter = EpochMeter(accelerator, warn)
+    batches = train_loader
+    if skip_batches:  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
+        batches = accelerator.skip_first_batches(train_loader, skip_batches)
+
+    for batch in meter.timed(batches):
+        with accelerator.accumulate(model):
+            images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
+            logits, embeddings = forward(images)
+            loss, parts = criterion(
+                logits,
+                embeddings,
+                labels=batch["label"],
+                teacher_probs=soft_targets[batch["index"]],
+                weights=batch["ok"].float(),  # undecodable images weigh 0
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()  # accelerate steps only at the end of an accumulation
+            optimizer.zero_grad()
+        state.images_done += meter.add(batch, loss, parts)
+        if not accelerator.sync_gradients:
+            continue
+
+        state.global_step += 1
+        scheduler.step_update(state.global_step)
+        if ema is not None:
+            ema.update(net, step=state.global_step)
+        run_log.show_update(meter)
+        if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+            checkpoints.save_latest(state)
+            logger.info(
+                f"Wrote {checkpoints.latest_dir} at update {state.global_step} (epoch {epoch + 1}, "
+                f"{state.images_done} images)"
+            )
+        if stopper.requested(accelerator, update=state.global_step):
+            checkpoints.save_latest(state)
+            stopper.stop(checkpoints.latest_dir, state.global_step)
+        if state.global_step >= total_updates:
+            break
+    return meter
+
+
+@dataclasses.dataclass
+class TrainedStudent:
+    """What training leaves: the best student's val metrics (the threshold: their EER point), its test metrics at
+    that threshold, their predictions, the operating points, the best epoch and the run's totals."""
+
+    val: dict
+    test: dict
+    val_predictions: evaluation.Predictions
+    test_predictions: evaluation.Predictions
+    operating_points: list
+    best_epoch: int
+    totals: dict
+
+
+def train_student(
+    args, *, student, criterion, soft_targets, splits, datasets, loaders, accelerator, metadata, start_time
+):
+    """Trains the student, keeps its best epoch (the lowest val ACER), fits the threshold on val and scores test
+    at it."""
+    output_dir = Path(args.output_dir)
+    img_size, mean, std = networks.model_input(student, args.img_size)
+
+    # One prepare(): the model, its optimizer and every loader the student reads.
+    sampler = None
+    if args.balanced_sampling:
+        sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed)
+    train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler, persistent=True)
+    val_loader = loaders.make(datasets["val"], persistent=True)
+    test_loader = loaders.make(datasets["test"])
+    net = LogitsAndEmbedding(student)
+    optimizer = create_optimizer_v2(
+        student,
+        "adamw",
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        fused=accelerator.device.type in ("cpu", "cuda"),  # docs/performance.md
+    )
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        net, optimizer, train_loader, val_loader, test_loader
+    )
+    set_seed(args.seed, device_specific=True)
+    checkpoints = Checkpoints(accelerator, output_dir, STAGE)
+    ema = checkpoints.track_ema(net, args.model_ema_decay)  # when on, what is validated, kept and deployed
+    forward = networks.compiled(model, args.compile)
+    validated = forward
+    if ema is not None:
+        validated = networks.compiled(ema.module, args.compile)
+    soft_targets = soft_targets.to(accelerator.device)
+
+    # The schedule: per update, over the whole run, picked up where a resumed run stood.
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_updates = min(args.num_epochs * updates_per_epoch, args.max_train_steps or math.inf)
+    scheduler = build_scheduler(optimizer, args, updates_per_epoch=updates_per_epoch, total_updates=total_updates)
+    state, skip_batches = checkpoints.resume(
+        args.resume_from_checkpoint,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        updates_per_epoch=updates_per_epoch,
+    )
+    scheduler.step_update(state.global_step)
+
+    stopper = StopOnSignal()
+    run_log = RunLog(
+        accelerator,
+        num_epochs=args.num_epochs,
+        updates_per_epoch=updates_per_epoch,
+        total_updates=total_updates,
+        first_update=state.global_step,
+        start_time=start_time,
+        desc="stage 2",
+        summary_path=output_dir / "logs" / STAGE / "summary.csv",
+    )
+    for epoch in range(state.epoch + 1, args.num_epochs):
+        if state.global_step >= total_updates:
+            break
+        if sampler is not None:  # the balanced sampler draws each epoch's batches anew
+            sampler.set_epoch(epoch)
+        meter = train_one_epoch(
+            epoch,
+            args,
+            accelerator=accelerator,
+            model=model,
+            forward=forward,
+            net=net,
+            ema=ema,
+            criterion=criterion,
+            soft_targets=soft_targets,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=train_loader,
+            skip_batches=skip_batches,
+            state=state,
+            total_updates=total_updates,
+            checkpoints=checkpoints,
+            stopper=stopper,
+            run_log=run_log,
+            mean=mean,
+            std=std,
+        )
+        skip_batches = 0
+        train = meter.finish()
+
+        # The best student: the lowest val ACER.
+        val, _ = evaluation.evaluate(
+            validated, val_loader, accelerator, split_table=splits["val"], mean=mean, std=std, log_warning=warn
+        )
+        state.epoch = epoch
+        state.images_done = 0
+        improved = val["acer"] < state.best_val_acer
+        if improved:
+            state.best_epoch = epoch
+            state.best_val_acer = val["acer"]
+            kept = ema.module.net if ema else student
+            checkpoints.save_best(kept, {**metadata, "epoch": str(epoch), "val_metrics": val})
+        checkpoints.save_latest(state)
+        lr = optimizer.param_groups[0]["lr"]
+        run_log.log_epoch(
+            epoch, train=train, val=val, meter=meter, lr=lr, improved=improved, global_step=state.global_step
+        )
+        if stopper.requested(accelerator):
+            stopper.stop(checkpoints.latest_dir, state.global_step)
+    run_log.close()
+    loaders.shut_down(train_loader, val_loader)
+    stopper.restore()
+    checkpoints.load_best(student)
+
+    # The threshold is the EER point of the best model on val; test is scored at it, never fitted on test.
+    val, val_predictions = evaluation.evaluate(
+        forward, val_loader, accelerator, split_table=splits["val"], mean=mean, std=std, tta=args.tta, log_warning=warn
+    )
+    test, test_predictions = evaluation.evaluate(
+        forward,
+        test_loader,
+        accelerator,
+        split_table=splits["test"],
+        mean=mean,
+        std=std,
+        threshold=val["threshold"],
+        tta=args.tta,
+        desc="test",
+        log_warning=warn,
+    )
+    # deployers trade one error for the other: thresholds fitted on val for the error rates they can afford
+    operating_points = evaluation.operating_points(
+        val_scores=val_predictions.scores,
+        val_labels=val_predictions.labels,
+        test_scores=test_predictions.scores,
+        test_labels=test_predictions.labels,
+    )
+    return TrainedStudent(
+        val=val,
+        test=test,
+        val_predictions=val_predictions,
+        test_predictions=test_predictions,
+        operating_points=operating_points,
+        best_epoch=state.best_epoch + 1,
+        totals=run_log.totals(),
     )
 
 
@@ -272,23 +505,55 @@ def main(argv=None):
     splits = {name: table.of_split(name) for name in wfas_data.SPLITS}
     soft_targets, num_fallback = load_soft_labels(args.soft_labels_path, splits)
 
-    student = training_run.main_process_first(accelerator, lambda: networks.create_from_flags(args))
+    def create_student():
+        return networks.create_model(
+            args.model_name,
+            img_size=args.img_size,
+            pretrained=args.pretrained,
+            pretrained_file=args.pretrained_file,
+            cache_dir=args.model_cache_dir,
+            drop_path_rate=args.drop_path_rate,
+            channels_last=args.channels_last,
+        )
+
+    student = training_run.main_process_first(accelerator, create_student)
     img_size, mean, std = networks.model_input(student, args.img_size)
-    compute = networks.compute_budget(student, args.model_name, img_size)
+    compute = challenge.compute_budget(student, args.model_name, img_size)
     loaders = wfas_data.Loaders(args.batch_size, args.num_workers)
     cache = None
     if args.face_cache:  # all processes build it together when it is missing
-        workers = loaders.settings["num_workers"]
         cache = face_cache.build_for_processes(
-            table, args.face_cache_dir, img_size, args.face_crop_scale, workers, accelerator, logger.info
+            table,
+            args.face_cache_dir,
+            img_size=img_size,
+            face_crop_scale=args.face_crop_scale,
+            workers=loaders.settings["num_workers"],
+            accelerator=accelerator,
+            log=logger.info,
         )
+    weights = "pretrained" if args.pretrained else "from scratch"
+    batch = f"{args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}"
     sampling = ", class-balanced" if args.balanced_sampling else ""
-    training_run.log_setup(accelerator, args, STAGE, table, img_size, compute, loaders, cache, log_file, sampling)
+    stage1_config = output_dir / "stage1_config.json"
+    teacher_pretrained = stage1_config.is_file() and json.loads(stage1_config.read_text()).get("pretrained", False)
+    training_run.log_setup(
+        accelerator,
+        description=f"Stage 2: {args.model_name} ({weights}), image size {img_size}, batch {batch}{sampling}",
+        compute=compute,
+        broken_rules=challenge.rules_broken(
+            pretrained=args.pretrained, compute=compute, teacher_pretrained=teacher_pretrained
+        ),
+        table=table,
+        loader_line=loaders.describe(cache),
+        log_file=log_file,
+    )
     logger.info(
         f"Soft labels {args.soft_labels_path}: {len(splits['train']) - num_fallback} train images, "
         f"{num_fallback} fall back to their hard label"
     )
-    datasets = wfas_data.build_datasets(table, img_size, train_transform(img_size), args.face_crop_scale, cache)
+    datasets = wfas_data.build_datasets(
+        table, img_size, train_transform(img_size), face_crop_scale=args.face_crop_scale, cache=cache
+    )
 
     # The loss, built once: focal + triplet + distillation, each term weighted by its --<term>_weight.
     term_weights = {name: getattr(args, f"{name}_weight") for name in losses.STAGE2_TERMS}
@@ -303,110 +568,27 @@ def main(argv=None):
     settings = ", ".join(f"{key} {value}" for key, value in term_settings.items())
     logger.info(f"Loss = {terms} ({settings})")
 
-    sampler = None
-    if args.balanced_sampling:
-        sampler = BalancedBatchSampler(splits["train"].label, args.batch_size, args.seed)
-    train_loader = loaders.make(datasets["train"], shuffle=True, batch_sampler=sampler, persistent=True)
-    val_loader = loaders.make(datasets["val"], persistent=True)
-    net = LogitsAndEmbedding(student)
-    optimizer = create_optimizer_v2(
-        student,
-        "adamw",
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        fused=accelerator.device.type in ("cpu", "cuda"),  # docs/performance.md
-    )
-    model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
-    set_seed(args.seed, device_specific=True)
-    checkpoints = Checkpoints(accelerator, output_dir, STAGE)
-    ema = checkpoints.track_ema(net, args.model_ema_decay)  # when on, what is validated, kept and deployed
-    forward = networks.compiled(model, args.compile)
-    validated = forward
-    if ema is not None:
-        validated = networks.compiled(ema.module, args.compile)
-    soft_targets = soft_targets.to(accelerator.device)
-    updates_per_epoch, total_updates = training_run.count_updates(args, len(train_loader))
-    scheduler = build_scheduler(optimizer, args, updates_per_epoch, total_updates)
-    state, skip_batches = checkpoints.resume(args, updates_per_epoch)
-    scheduler.step_update(state["global_step"])
-
-    stopper = StopOnSignal(train_loader, val_loader)
-    summary_path = output_dir / "logs" / STAGE / "summary.csv"
-    run_log = RunLog(accelerator, args, state, total_updates, updates_per_epoch, start_time, "stage 2", summary_path)
-    best_metadata = {
+    metadata = {
         "model_name": args.model_name,
         "img_size": str(img_size),
         "face_crop_scale": str(args.face_crop_scale),
         "compute": compute,
     }
-    for epoch in range(state["epoch"] + 1, args.num_epochs):
-        if state["global_step"] >= total_updates:
-            break
-        model.train()
-        train_loader.set_epoch(epoch)
-        if sampler is not None:  # the balanced sampler draws each epoch's batches anew
-            sampler.set_epoch(epoch)
-        meter = EpochMeter(accelerator, state, warn)
-        batches = train_loader
-        if skip_batches:  # the seedable sampler replays the epoch: a mid-epoch resume skips what was trained
-            batches = accelerator.skip_first_batches(train_loader, skip_batches)
-            skip_batches = 0
-        for batch in meter.timed(batches):
-            with accelerator.accumulate(model):
-                images = wfas_data.to_model_input(batch["image"], mean, std, color_jitter=args.color_jitter)
-                logits, embeddings = forward(images)
-                targets = soft_targets[batch["index"]]
-                weights = batch["ok"].float()  # undecodable images weigh 0
-                loss, parts = criterion(logits, embeddings, batch["label"], targets, weights=weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                if ema is not None and accelerator.sync_gradients:
-                    ema.update(net, step=state["global_step"] + 1)
-            meter.add(batch, loss, parts)
-            if accelerator.sync_gradients and run_log.after_update(meter, scheduler, checkpoints, stopper):
-                break
-        train = meter.finish()
-
-        # The best student: the lowest val ACER.
-        val, _ = evaluation.evaluate(validated, val_loader, splits["val"], accelerator, mean, std, log_warning=warn)
-        state["epoch"] = epoch
-        state["images_done"] = 0
-        improved = val["acer"] < state["best_val_acer"]
-        if improved:
-            state["best_epoch"] = epoch
-            state["best_val_acer"] = val["acer"]
-            kept = ema.module.net if ema else student
-            checkpoints.save_best(kept, {**best_metadata, "epoch": str(epoch), "val_metrics": val})
-        checkpoints.save_latest(state)
-        run_log.log_epoch(epoch, train, val, meter, optimizer.param_groups[0]["lr"], improved)
-        if stopper.requested(accelerator):
-            stopper.stop(checkpoints.latest_dir, state)
-    run_log.progress.close()
-    stopper.restore()
-    checkpoints.load_best(student)
-
-    # The threshold is the EER point of the best model on val; test is scored at it, never fitted on test.
-    val, val_rows = evaluation.evaluate(
-        forward, val_loader, splits["val"], accelerator, mean, std, tta=args.tta, log_warning=warn
+    trained = train_student(
+        args,
+        student=student,
+        criterion=criterion,
+        soft_targets=soft_targets,
+        splits=splits,
+        datasets=datasets,
+        loaders=loaders,
+        accelerator=accelerator,
+        metadata=metadata,
+        start_time=start_time,
     )
-    test_loader = accelerator.prepare(loaders.make(datasets["test"]))
-    test, test_rows = evaluation.evaluate(
-        forward,
-        test_loader,
-        splits["test"],
-        accelerator,
-        mean,
-        std,
-        val["threshold"],
-        args.tta,
-        desc="test",
-        log_warning=warn,
-    )
-    # deployers trade one error for the other: thresholds fitted on val for the error rates they can afford
-    operating_points = evaluation.operating_points(val_rows[3], val_rows[1], test_rows[3], test_rows[1])
+    val = trained.val
+    test = trained.test
+
     stage1_results = output_dir / "stage1_results.json"
     teacher_test = {}
     if stage1_results.is_file():
@@ -416,8 +598,8 @@ def main(argv=None):
         # test_: every test metric (with --unseen_attacks, of the seen and unseen types too)
         **{f"test_{key}": value for key, value in test.items() if key not in not_reported},
         "threshold": val["threshold"],
-        "operating_points": operating_points,
-        "best_epoch": state["best_epoch"] + 1,
+        "operating_points": trained.operating_points,
+        "best_epoch": trained.best_epoch,
         "val_acc": val["acc"],
         "val_acer": val["acer"],
         "val_auc": val["auc"],
@@ -428,19 +610,19 @@ def main(argv=None):
         "teacher_test_acc": teacher_test.get("acc"),
         "model_name": args.model_name,
         "img_size": img_size,
-        **run_log.totals(),
+        **trained.totals,
         "compute": compute,
     }
     if args.compile:
         logger.info(networks.compile_summary())
     logger.info(f"Best epoch {results['best_epoch']}: val {evaluation.format_metrics(val)}")
     logger.info(f"Test at the val threshold {val['threshold']:.4f}: {evaluation.format_metrics(test, True)}")
-    logger.info(evaluation.format_operating_points(operating_points))
+    logger.info(evaluation.format_operating_points(trained.operating_points))
     if results["teacher_test_acer"] is not None:
         logger.info(f"Teacher (stage 1) test ACER {teacher_test['acer']:.4f}, student {test['acer']:.4f}")
     if accelerator.is_main_process:
-        evaluation.write_predictions(output_dir / "stage2_val_predictions.csv", *val_rows)
-        evaluation.write_predictions(output_dir / "stage2_test_predictions.csv", *test_rows)
+        evaluation.write_predictions(output_dir / "stage2_val_predictions.csv", trained.val_predictions)
+        evaluation.write_predictions(output_dir / "stage2_test_predictions.csv", trained.test_predictions)
         write_json(output_dir / "final_results.json", results)
         report = experiment_report.write_all(output_dir, (STAGE,), log=logger.warning)
         logger.info(

@@ -153,39 +153,27 @@ def main_process_first(accelerator, work):
     return work()
 
 
-def log_setup(accelerator, args, stage, table, img_size, compute, loaders, cache, log_file, sampling=""):
-    """The run's settings, compute budget, challenge validity, data and loader, at the top of the log."""
-    weights = "pretrained" if args.pretrained else "from scratch"
-    batch = f"{args.batch_size} x {accelerator.num_processes} x {args.gradient_accumulation_steps}"
+def log_setup(accelerator, *, description, compute, broken_rules, table, loader_line, log_file):
+    """The run's settings (description: the stage, model and batch), compute budget, challenge validity, data and
+    loader, at the top of the log."""
     logger.info(
-        f"{stage.replace('stage', 'Stage ')}: {args.model_name} ({weights}), {accelerator.num_processes} "
-        f"process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}, "
-        f"image size {img_size}, batch {batch}{sampling}"
+        f"{description}; {accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
+        f"{accelerator.mixed_precision}"
     )
     logger.info(f"Compute: {compute['params_m']:.2f} M parameters; {compute['challenge_limit']}")
-    broken = networks.challenge_rules_broken(stage, args, compute)  # configs/challenge_stage*.json keep them
-    if broken:
-        logger.warning(f"Not a valid WFAS challenge entry: {'; '.join(broken)}")
+    if broken_rules:  # configs/challenge_stage*.json keep them
+        logger.warning(f"Not a valid WFAS challenge entry: {'; '.join(broken_rules)}")
     logger.info(f"Data {table.root}, {len(table)} images:\n{wfas_data.describe_split(table)}")
-    loader_line = loaders.describe(cache)
     if log_file:
         loader_line += f"\nLogging to {log_file}"
     logger.info(loader_line)
 
 
-def count_updates(args, batches_per_epoch):
-    """(updates per epoch, updates in the whole run): what a schedule is laid out over."""
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total_updates = min(args.num_epochs * updates_per_epoch, args.max_train_steps or math.inf)
-    return updates_per_epoch, total_updates
-
-
 class EpochMeter:
     """An epoch's images, data wait, undecodable images and loss parts (summed on the device: no host sync)."""
 
-    def __init__(self, accelerator, state, log_warning):
+    def __init__(self, accelerator, log_warning):
         self.accelerator = accelerator
-        self.state = state
         self.log_warning = log_warning
         self.sums = {}
         self.start = time.time()
@@ -206,12 +194,13 @@ class EpochMeter:
             waiting_since = time.perf_counter()
 
     def add(self, batch, loss, parts=None):
+        """A batch's loss parts; returns its images over all processes."""
         for name, value in {"loss": loss.detach(), **(parts or {})}.items():
             self.sums[name] = self.sums.get(name, 0) + value
         self.steps += 1
         images = len(batch["error"]) * self.accelerator.num_processes
         self.images += images
-        self.state["images_done"] += images
+        return images
 
     def finish(self):
         """The epoch's mean loss parts; its undecodable images summed over the processes."""
@@ -225,13 +214,14 @@ class RunLog:
     """Progress, throughput and ETA; per epoch the log line, summary.csv and the trackers, derived from the loss
     parts, so that a new loss term shows up everywhere by itself."""
 
-    def __init__(self, accelerator, args, state, total_updates, updates_per_epoch, start_time, desc, summary_path):
+    def __init__(
+        self, accelerator, *, num_epochs, updates_per_epoch, total_updates, first_update, start_time, desc, summary_path
+    ):
         self.accelerator = accelerator
-        self.args = args
-        self.state = state
-        self.total_updates = total_updates
-        self.updates_per_epoch = updates_per_epoch
         self.start_time = start_time
+        self.num_epochs = num_epochs
+        self.updates_per_epoch = updates_per_epoch
+        self.total_updates = total_updates
         self.summary_path = summary_path
         self.images = 0
         self.seconds = 0.0
@@ -239,39 +229,25 @@ class RunLog:
         self.loop_start = time.time()
         self.progress = progress_bar(
             total=total_updates,
-            initial=state["global_step"],
+            initial=first_update,
             desc=desc,
             disable=not accelerator.is_local_main_process,
         )
 
-    def after_update(self, meter, scheduler, checkpoints, stopper):
-        """An update's schedule, progress, --checkpointing_steps and stop signal (save, then exit); True when done."""
-        state = self.state
-        every = self.args.checkpointing_steps
-        state["global_step"] += 1
-        scheduler.step_update(state["global_step"])
+    def show_update(self, meter):
+        """One update on the progress bar; every 20, the epoch's mean loss and images per second."""
         self.progress.update(1)
-        if state["global_step"] % 20 == 0:
+        if self.progress.n % 20 == 0:
             speed = meter.images / (time.time() - meter.start)
             mean_loss = meter.sums["loss"].item() / meter.steps
             self.progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
-        if every and state["global_step"] % every == 0:
-            checkpoints.save_latest(state)
-            logger.info(
-                f"Wrote {checkpoints.latest_dir} at update {state['global_step']} (epoch "
-                f"{state['epoch'] + 2}, {state['images_done']} images)"
-            )
-        if stopper.requested(self.accelerator, state["global_step"]):
-            checkpoints.save_latest(state)
-            stopper.stop(checkpoints.latest_dir, state)
-        return state["global_step"] >= self.total_updates
 
-    def log_epoch(self, epoch, train, val, meter, lr, improved):
+    def log_epoch(self, epoch, *, train, val, meter, lr, improved, global_step):
         self.images += meter.images
         self.seconds += meter.seconds
         self.epochs += 1
-        updates_left = self.total_updates - self.state["global_step"]
-        epochs_left = min(self.args.num_epochs - epoch - 1, math.ceil(updates_left / self.updates_per_epoch))
+        updates_left = self.total_updates - global_step
+        epochs_left = min(self.num_epochs - epoch - 1, math.ceil(updates_left / self.updates_per_epoch))
         eta = (time.time() - self.loop_start) / self.epochs * epochs_left
         speed = meter.images / meter.seconds
         wait = meter.data_wait / meter.seconds
@@ -282,7 +258,7 @@ class RunLog:
         if parts:
             train_line += f" ({parts})"
         line = (
-            f"epoch {epoch + 1}/{self.args.num_epochs}  {train_line}  val loss {val['loss']:.4f}  "
+            f"epoch {epoch + 1}/{self.num_epochs}  {train_line}  val loss {val['loss']:.4f}  "
             f"val {format_metrics(val)}  lr {lr:.2e}  {speed:.0f} img/s  data wait {wait:.0%}  "
             f"elapsed {elapsed}  ETA {datetime.timedelta(seconds=round(eta))}"
         )
@@ -311,7 +287,11 @@ class RunLog:
         }
         self.accelerator.log(tracked, step=epoch)
 
+    def close(self):
+        self.progress.close()
+
     def totals(self):
+        """The run's wall time and throughput, for the results."""
         images_per_second = round(self.images / self.seconds, 1) if self.seconds else None
         return {
             "wall_time_s": round(time.time() - self.start_time, 1),

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,17 +73,16 @@ class SampleTable:
         return len(self.path)
 
     def select(self, mask):
-        return SampleTable(
-            self.root,
-            self.path[mask],
-            self.label[mask],
-            self.attack_type[mask],
-            self.subject[mask],
-            self.has_bbox[mask],
-            self.box[mask],
-            None if self.split is None else self.split[mask],
-            self.row[mask],
-            self.unseen_attacks,
+        return replace(
+            self,
+            path=self.path[mask],
+            label=self.label[mask],
+            attack_type=self.attack_type[mask],
+            subject=self.subject[mask],
+            has_bbox=self.has_bbox[mask],
+            box=self.box[mask],
+            split=None if self.split is None else self.split[mask],
+            row=self.row[mask],
         )
 
     def of_split(self, name):
@@ -96,7 +95,7 @@ class SampleTable:
         return [a.decode() for a in self.attack_type]
 
 
-def _make_table(root, paths, labels, attack_types, subjects, has_bbox, box=None):
+def _make_table(root, paths, *, labels, attack_types, subjects, has_bbox, box=None):
     def as_bytes(strings):
         return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
 
@@ -187,7 +186,15 @@ def index_wfas(data_root):
             "Train/spoof/<attack type>/<subject>/*.jpg, or live/*.jpg and spoof/*.jpg"
         )
     paths, labels, attack_types, subjects, has_bbox = zip(*rows)
-    return _make_table(root, paths, labels, attack_types, subjects, has_bbox, read_boxes(root, paths, has_bbox))
+    return _make_table(
+        root,
+        paths,
+        labels=labels,
+        attack_types=attack_types,
+        subjects=subjects,
+        has_bbox=has_bbox,
+        box=read_boxes(root, paths, has_bbox),
+    )
 
 
 def index_labelled_list(list_file):
@@ -216,7 +223,15 @@ def index_labelled_list(list_file):
     paths, labels, attack_types, subjects = zip(*rows)
     boxes = read_boxes(root, paths)
     has_bbox = [(root / p).with_suffix(".txt").is_file() for p in paths]
-    return _make_table(root, paths, labels, attack_types, subjects, has_bbox, boxes)
+    return _make_table(
+        root,
+        paths,
+        labels=labels,
+        attack_types=attack_types,
+        subjects=subjects,
+        has_bbox=has_bbox,
+        box=boxes,
+    )
 
 
 def index_dataset(data_root):
@@ -231,11 +246,11 @@ def unlabelled_table(root, paths):
     return _make_table(
         root,
         paths,
-        [-1] * len(paths),
-        [""] * len(paths),
-        [os.path.dirname(p) for p in paths],
-        ~np.isnan(boxes[:, 0]),
-        boxes,
+        labels=[-1] * len(paths),
+        attack_types=[""] * len(paths),
+        subjects=[os.path.dirname(p) for p in paths],
+        has_bbox=~np.isnan(boxes[:, 0]),
+        box=boxes,
     )
 
 
@@ -324,21 +339,24 @@ def read_split_csv(csv_path, root):
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header not in (SPLIT_COLUMNS, SPLIT_COLUMNS + BOX_COLUMNS):
+        if header != SPLIT_COLUMNS + BOX_COLUMNS:
             raise UserError(
                 f"{csv_path} is not a split file: expected the columns {','.join(SPLIT_COLUMNS + BOX_COLUMNS)}"
             )
         columns = list(zip(*reader)) or [()] * len(header)
     paths, labels, attack_types, subjects, splits = columns[:5]
     try:
-        if len(header) > len(SPLIT_COLUMNS):
-            boxes = np.array(
-                [[float(v) if v else np.nan for v in box] for box in zip(*columns[5:])], dtype=np.float32
-            ).reshape(-1, 4)
-        else:  # written before the boxes were kept in it: read the bbox files once more
-            boxes = read_boxes(root, paths)
+        boxes = np.array(
+            [[float(v) if v else np.nan for v in box] for box in zip(*columns[5:])], dtype=np.float32
+        ).reshape(-1, 4)
         table = _make_table(
-            root, paths, np.array(labels).astype(np.int8), attack_types, subjects, ~np.isnan(boxes[:, 0]), boxes
+            root,
+            paths,
+            labels=np.array(labels).astype(np.int8),
+            attack_types=attack_types,
+            subjects=subjects,
+            has_bbox=~np.isnan(boxes[:, 0]),
+            box=boxes,
         )
         table.split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
     except (ValueError, KeyError) as error:
@@ -368,13 +386,15 @@ def check_held_out_splits(table, source):
         )
 
 
-def check_split_source(table, source, record_path, log=print):
+def check_split_source(table, source, record_path):
     """Refuse a split.csv made from other data, or whose images are gone: it would train on a stale list."""
     csv_path = record_path.with_name("split.csv")
     data_root = str(source.resolve())
-    if not record_path.is_file():  # a split written before the record existed: adopt it
-        write_json(record_path, {"data_root": data_root, "num_images": len(table)})
-        log(f"Recorded {data_root} as the data of {csv_path}")
+    if not record_path.is_file():
+        raise UserError(
+            f"{csv_path} has no {record_path.name} beside it to say which data it splits: delete {csv_path.name} "
+            "to split the data again"
+        )
     recorded = json.loads(record_path.read_text())
     if recorded["data_root"] != data_root:
         raise UserError(
@@ -397,7 +417,7 @@ def check_split_source(table, source, record_path, log=print):
 
 
 def load_or_create_split(
-    data_root, output_dir, val_fraction=0.1, test_fraction=0.1, seed=0, log=print, unseen_attacks=None, split_by=None
+    data_root, output_dir, *, val_fraction=0.1, test_fraction=0.1, seed=0, log=print, unseen_attacks=None, split_by=None
 ):
     """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
     same split), else made and written with split_source.json, its data's record and its protocol: the held-out
@@ -408,14 +428,20 @@ def load_or_create_split(
     record_path = csv_path.with_name("split_source.json")
     if csv_path.exists():
         table = read_split_csv(csv_path, root)
-        check_split_source(table, source, record_path, log)
+        check_split_source(table, source, record_path)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
         table = index_dataset(source)
         split_by = split_by or "subject"
         if split_by == "image":  # own data without subjects: each image is its own
             table.subject = table.path.copy()
-        table = assign_splits(table, val_fraction, test_fraction, seed, unseen_attacks or ())
+        table = assign_splits(
+            table,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            unseen_attacks=unseen_attacks or (),
+        )
         check_held_out_splits(table, source)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
@@ -512,7 +538,7 @@ def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min
     with Image.open(io.BytesIO(data)) as image:
         rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         width, height = (image.height, image.width) if rotated else image.size
-        crop = face_crop_box(box, width, height, face_crop_scale)
+        crop = face_crop_box(box, width, height, scale=face_crop_scale)
         reduction = int((crop[2] - crop[0]) // min_side) if min_side else 1
         if image.format == "JPEG" and reduction >= 2:
             image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
@@ -557,7 +583,7 @@ class FaceDataset(torch.utils.data.Dataset):
     a zero image and error_kind "decode" (logged; batch shapes stay equal on all processes); an unreadable file
     "storage", and check_batch stops the run in one line, where a worker's exception would be a traceback."""
 
-    def __init__(self, table, img_size, transform=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
+    def __init__(self, table, img_size, transform=None, *, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
         self.root = table.root
         self.path = table.path
         self.label = table.label
@@ -624,12 +650,13 @@ def check_undecodable_share(undecodable, seen):
         )
 
 
-def build_datasets(table, img_size, train_transform, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
+def build_datasets(table, img_size, train_transform, *, face_crop_scale=DEFAULT_FACE_CROP_SCALE, cache=None):
     """{'train', 'val', 'test'} datasets of a split table, train augmented by train_transform; cache: a
     FaceCache of this table, or None for the photos."""
+    transforms = {"train": train_transform, "val": None, "test": None}
     return {
         name: FaceDataset(
-            table.of_split(name), img_size, train_transform if name == "train" else None, face_crop_scale, cache
+            table.of_split(name), img_size, transforms[name], face_crop_scale=face_crop_scale, cache=cache
         )
         for name in SPLITS
     }

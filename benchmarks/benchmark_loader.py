@@ -114,7 +114,7 @@ def node_rate(n, img_size, processes, epochs=3):
         names = []
         for i in range(n):
             names.append(f"{i:05d}.jpg")
-            write_photo(folder / names[-1], 1280, 720, 240, seed=i)
+            write_photo(folder / names[-1], width=1280, height=720, face=240, seed=i)
         table = wfas_data.unlabelled_table(folder, names)
         cache = face_cache.build_face_cache(table, folder / "cache", img_size, workers=workers, log=lambda _: None)
         dataset = wfas_data.FaceDataset(table, img_size, train_stage1.train_transform(img_size), cache=cache)
@@ -150,7 +150,7 @@ def main():
     if args.write_tree:
         width, height = map(int, args.size.split("x"))
         start = time.time()
-        write_tree(args.write_tree, args.images, width, height, face=min(width, height) // 3)
+        write_tree(args.write_tree, args.images, width=width, height=height, face=min(width, height) // 3)
         print(f"Wrote {args.images} {args.size} photos to {args.write_tree} in {time.time() - start:.0f} s")
         return
 
@@ -167,7 +167,7 @@ def main():
             paths = []
             for i in range(args.n):
                 paths.append(folder / f"{i:05d}.jpg")
-                write_photo(paths[-1], width, height, face, seed=i)
+                write_photo(paths[-1], width=width, height=height, face=face, seed=i)
             plain = plain_torchvision(args.img_size)
             plain_rate = rate(lambda batch: torch.stack([plain(p) for p in batch]), paths)
 

@@ -297,7 +297,14 @@ def recipe_table(args):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             step_model = torch.compile(model) if compiled else model
-            rate, first_step = timed_steps(step_model, batch, labels, precision, channels_last, args.recipe_steps)
+            rate, first_step = timed_steps(
+                step_model,
+                batch,
+                labels,
+                precision=precision,
+                channels_last=channels_last,
+                steps=args.recipe_steps,
+            )
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             mfu = rate * flops_per_image / (PEAK_TFLOPS[precision] * 1e12)
             layout = "channels_last" if channels_last else "NCHW"
@@ -317,19 +324,23 @@ def recipe_table(args):
         largest = args.recipe_max_batch
         while (False, largest) not in eager:
             try:
-                eager[False, largest] = run("bf16", False, largest, False)
+                eager[False, largest] = run("bf16", channels_last=False, batch_size=largest, compiled=False)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if largest <= 32:
                     raise
                 largest //= 2
-        run("fp32", False, 32, False)
+        run("fp32", channels_last=False, batch_size=32, compiled=False)
         for channels_last in (False, True):
             for batch_size in sorted({32, largest}):
                 if (channels_last, batch_size) not in eager:
-                    eager[channels_last, batch_size] = run("bf16", channels_last, batch_size, False)
+                    eager[channels_last, batch_size] = run(
+                        "bf16", channels_last=channels_last, batch_size=batch_size, compiled=False
+                    )
         best_layout = max((False, True), key=lambda layout: eager[layout, largest])
-        run("bf16", best_layout, largest, True)  # a compile takes minutes: the fastest eager setting only
+        run(
+            "bf16", channels_last=best_layout, batch_size=largest, compiled=True
+        )  # a compile takes minutes: the fastest eager setting only
 
 
 def main(argv=None):
@@ -368,8 +379,8 @@ def main(argv=None):
                     )
                 else:
                     exp = Path(tmp) / f"stage1_{run}"
-                project.append(script_speed(stage, args, root, exp))
-                bare.append(bare_speed(stage, args, root, Path(tmp) / f"bare{stage}_{run}"))
+                project.append(script_speed(stage, args, root=root, exp=exp))
+                bare.append(bare_speed(stage, args, root=root, exp=Path(tmp) / f"bare{stage}_{run}"))
                 if stage == 1 and args.timm_train:
                     timm_script.append(timm_train_speed(args, root, exp))
             print(

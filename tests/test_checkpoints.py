@@ -8,14 +8,24 @@ import checkpoints
 from errors import UserError
 
 
+def position(state, batch_size, processes, accumulation, updates_per_epoch):
+    return checkpoints.Checkpoints.position(
+        state,
+        batch_size=batch_size,
+        num_processes=processes,
+        gradient_accumulation_steps=accumulation,
+        updates_per_epoch=updates_per_epoch,
+    )
+
+
 def test_a_mid_epoch_resume_counts_images_across_world_sizes():
-    state = {"epoch": 2, "images_done": 96, "global_step": 0, "batch_size": 8, "num_processes": 4}
+    state = checkpoints.RunState(epoch=2, images_done=96, batch_size=8, num_processes=4)
     # 96 images = 3 batches of 8 on 4 processes, or 6 batches on 2, or 12 on 1; updates_per_epoch 10, no accumulation
-    assert checkpoints.Checkpoints.position(state, 8, 4, 1, 10) == (3, 33)
-    assert checkpoints.Checkpoints.position(state, 8, 2, 1, 20) == (6, 66)
-    assert checkpoints.Checkpoints.position(state, 8, 1, 2, 20) == (12, 66)
+    assert position(state, 8, 4, 1, 10) == (3, 33)
+    assert position(state, 8, 2, 1, 20) == (6, 66)
+    assert position(state, 8, 1, 2, 20) == (12, 66)
     with pytest.raises(UserError, match="not a whole number of batches of 8 x 5 .* saved with \\(8 x 4\\)"):
-        checkpoints.Checkpoints.position(state, 8, 5, 1, 10)
+        position(state, 8, 5, 1, 10)
 
 
 @pytest.mark.parametrize(
@@ -31,9 +41,9 @@ def test_a_mid_epoch_resume_counts_images_across_world_sizes():
 def test_the_position_of_a_resume_by_hand(
     epoch, images_done, batch_size, processes, accumulation, updates_per_epoch, expected
 ):
-    state = {"epoch": epoch, "images_done": images_done, "batch_size": batch_size, "num_processes": processes}
-    position = checkpoints.Checkpoints.position(state, batch_size, processes, accumulation, updates_per_epoch)
-    assert position == expected and all(isinstance(n, int) for n in position)  # batches to skip: a count
+    state = checkpoints.RunState(epoch=epoch, images_done=images_done, batch_size=batch_size, num_processes=processes)
+    found = position(state, batch_size, processes, accumulation, updates_per_epoch)
+    assert found == expected and all(isinstance(n, int) for n in found)  # batches to skip: a count
 
 
 def saved_state(folder, epoch):
@@ -67,3 +77,29 @@ def test_latest_without_a_state_is_a_first_start_and_a_named_folder_must_hold_on
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no saved state"):
         found.resolve(str(tmp_path / "empty"))
+
+
+def test_a_state_file_reads_back_whole_and_one_this_code_did_not_write_is_refused_in_one_line(tmp_path):
+    # the keys a stage 1 state has held since mid-epoch resume; stage 2's states lack soft_label_folds
+    written = {
+        "epoch": 3,
+        "images_done": 48,
+        "global_step": 40,
+        "best_epoch": 2,
+        "best_val_acer": float("inf"),
+        "batch_size": 8,
+        "num_processes": 2,
+        "soft_label_folds": 3,
+    }
+    path = tmp_path / "training_state.json"
+    path.write_text(json.dumps(written))
+    assert checkpoints.RunState.read(path) == checkpoints.RunState(**written)
+    del written["soft_label_folds"]
+    path.write_text(json.dumps(written))
+    assert checkpoints.RunState.read(path).soft_label_folds is None
+    path.write_text(json.dumps({**written, "step": 5}))
+    with pytest.raises(UserError, match="not a state this code can resume \\(unknown keys: step; missing: none\\)"):
+        checkpoints.RunState.read(path)
+    path.write_text(json.dumps({"epoch": 1}))
+    with pytest.raises(UserError, match="missing: batch_size, best_epoch, .*start a new --output_dir"):
+        checkpoints.RunState.read(path)

@@ -111,7 +111,9 @@ def test_metrics_at_a_threshold_agree_with_a_loop_over_the_images(seed):
     scores, labels, attack_types = random_case(seed)
     for threshold in (0.0, 0.3, 0.45, 0.5, 0.61, 1.0, 1.01):
         expected = metrics_by_loop(scores, labels, attack_types, threshold, unseen=("mask", "paper-cut"))
-        m = evaluation.compute_metrics(scores, labels, attack_types, threshold, unseen_attacks=("mask", "paper-cut"))
+        m = evaluation.compute_metrics(
+            scores, labels, attack_types, threshold=threshold, unseen_attacks=("mask", "paper-cut")
+        )
         for key, value in expected.items():
             if key == "apcer_per_attack":
                 assert m[key] == pytest.approx(value) and set(m[key]) == set(value)
@@ -147,9 +149,9 @@ def test_the_threshold_lies_between_scores_so_rounded_files_give_the_same_decisi
     assert threshold not in scores
     read_back = np.array([float(output_files.format_score(s)) for s in scores])
     assert np.array_equal(read_back, scores)
-    assert evaluation.compute_metrics(read_back, labels, attack_types, threshold) == evaluation.compute_metrics(
-        scores, labels, attack_types, threshold
-    )
+    assert evaluation.compute_metrics(
+        read_back, labels, attack_types, threshold=threshold
+    ) == evaluation.compute_metrics(scores, labels, attack_types, threshold=threshold)
 
 
 # ------------------------------------------------------------------------------------------- operating points
@@ -163,7 +165,12 @@ def test_operating_points_against_a_hand_computation():
     labels = np.array([0] * 100 + [1] * 100)
     test_scores = np.array([0.1, 0.31, 0.9, 0.2, 0.5])
     test_labels = np.array([0, 0, 0, 1, 1])
-    points = {p["target"]: p for p in evaluation.operating_points(scores, labels, test_scores, test_labels)}
+    points = {
+        p["target"]: p
+        for p in evaluation.operating_points(
+            val_scores=scores, val_labels=labels, test_scores=test_scores, test_labels=test_labels
+        )
+    }
     assert list(points) == ["BPCER 1%", "BPCER 0.1%", "APCER 1%", "APCER 0.1%"]
 
     # BPCER <= 1%: one live image of 100 may fall below; the highest such threshold lies between the 2nd
@@ -200,7 +207,9 @@ def test_each_operating_point_is_the_best_threshold_within_its_target(seed):
     test_scores, test_labels, test_types = random_case(seed + 100, n=300)
     pairs = sklearn_error_pairs(val_scores, val_labels)
     targets = (("bpcer", 0.05), ("bpcer", 0.2), ("apcer", 0.05), ("apcer", 0.3))
-    points = evaluation.operating_points(val_scores, val_labels, test_scores, test_labels, targets)
+    points = evaluation.operating_points(
+        val_scores=val_scores, val_labels=val_labels, test_scores=test_scores, test_labels=test_labels, targets=targets
+    )
     assert [(p["error"], p["target_rate"]) for p in points] == list(targets)
     for point in points:
         error = point["error"]
@@ -220,7 +229,9 @@ def test_each_operating_point_is_the_best_threshold_within_its_target(seed):
 
 
 def test_operating_points_need_both_classes_on_val():
-    assert evaluation.operating_points([0.2, 0.3], [1, 1], [0.5], [0]) == []
+    assert (
+        evaluation.operating_points(val_scores=[0.2, 0.3], val_labels=[1, 1], test_scores=[0.5], test_labels=[0]) == []
+    )
 
 
 # ------------------------------------------------------------------------------------------------ predictions
@@ -229,7 +240,10 @@ def test_operating_points_need_both_classes_on_val():
 def test_the_predictions_csv_holds_each_image_with_its_exact_score(tmp_path):
     paths = np.array(["Train/living/1/a.jpg", "Train/spoof/print/2/b, c.jpg"])
     scores = np.array([0.1 + 0.2, 1e-13])
-    evaluation.write_predictions(tmp_path / "p.csv", paths, np.array([1, 0]), ["live", "print"], scores)
+    predictions = evaluation.Predictions(
+        paths=paths, labels=np.array([1, 0]), attack_types=["live", "print"], scores=scores
+    )
+    evaluation.write_predictions(tmp_path / "p.csv", predictions)
     with open(tmp_path / "p.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path", "label", "attack_type", "score"]
@@ -305,7 +319,9 @@ def p_live_by_hand(crop, tta):
 def scored_table(demo_root, tmp_path):
     """The demo's val split in a copy of the data, with one image made undecodable."""
     data = shutil.copytree(demo_root, tmp_path / "data")
-    table = wfas_data.load_or_create_split(data, tmp_path / "EXP", 0.3, 0.2, log=lambda _: None).of_split("val")
+    table = wfas_data.load_or_create_split(
+        data, tmp_path / "EXP", val_fraction=0.3, test_fraction=0.2, log=lambda _: None
+    ).of_split("val")
     (data / table.paths()[3]).write_bytes(b"not a jpeg")
     return table
 
@@ -318,7 +334,14 @@ def test_a_split_is_scored_image_by_image_in_its_own_order(scored_table, tta):
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=4))
     identity = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # the model sees pixels / 255
     metrics, (paths, labels, attack_types, scores) = evaluation.evaluate(
-        LeftHalfBrightness(), loader, table, accelerator, *identity, tta=tta, log_warning=lambda _: None
+        LeftHalfBrightness(),
+        loader,
+        accelerator,
+        split_table=table,
+        mean=identity[0],
+        std=identity[1],
+        tta=tta,
+        log_warning=lambda _: None,
     )
 
     readable = [i for i in range(len(table)) if i != 3]
@@ -335,7 +358,15 @@ def test_a_split_is_scored_image_by_image_in_its_own_order(scored_table, tta):
     # at a given threshold (val's, for test), with the held-out types reported apart
     table.unseen_attacks = (sorted(set(attack_types) - {"live"})[0],)
     at_given, _ = evaluation.evaluate(
-        LeftHalfBrightness(), loader, table, accelerator, *identity, threshold=0.6, tta=tta, log_warning=print
+        LeftHalfBrightness(),
+        loader,
+        accelerator,
+        split_table=table,
+        mean=identity[0],
+        std=identity[1],
+        threshold=0.6,
+        tta=tta,
+        log_warning=print,
     )
     by_loop = metrics_by_loop(expected, labels, attack_types, 0.6, unseen=table.unseen_attacks)
     assert at_given["threshold"] == 0.6 and at_given["acer"] == pytest.approx(by_loop["acer"])
@@ -345,7 +376,15 @@ def test_a_split_is_scored_image_by_image_in_its_own_order(scored_table, tta):
     model = LeftHalfBrightness()
     model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": identity[0], "std": identity[1]}
     in_table_order = evaluation.score_table(
-        model, accelerator, unlabelled, 32, wfas_data.DEFAULT_FACE_CROP_SCALE, 4, 0, tta, log_warning=lambda _: None
+        model,
+        accelerator,
+        unlabelled,
+        img_size=32,
+        face_crop_scale=wfas_data.DEFAULT_FACE_CROP_SCALE,
+        batch_size=4,
+        num_workers=0,
+        tta=tta,
+        log_warning=lambda _: None,
     )
     assert np.isnan(in_table_order[3]) and np.allclose(np.delete(in_table_order, 3), expected, atol=1e-6)
 
@@ -369,7 +408,9 @@ def test_scores_of_exactly_0_and_1_can_all_be_taken_for_live_or_all_refused():
     scores = np.array([0.0, 1.0, 0.0, 1.0])
     labels = np.array([1, 1, 0, 0])
     targets = (("bpcer", 0.0), ("apcer", 0.0))
-    bpcer_0, apcer_0 = evaluation.operating_points(scores, labels, scores, labels, targets)
+    bpcer_0, apcer_0 = evaluation.operating_points(
+        val_scores=scores, val_labels=labels, test_scores=scores, test_labels=labels, targets=targets
+    )
     assert bpcer_0["threshold"] <= 0.0 and (bpcer_0["val_apcer"], bpcer_0["val_bpcer"]) == (1.0, 0.0)
     assert apcer_0["threshold"] > 1.0 and (apcer_0["val_apcer"], apcer_0["val_bpcer"]) == (0.0, 1.0)
     assert metrics_by_loop(scores, labels, ["live", "live", "x", "x"], bpcer_0["threshold"])["bpcer"] == 0.0
@@ -410,4 +451,6 @@ def test_rates_of_a_class_that_is_absent_are_nan_and_the_others_stand():
 
 
 def test_operating_points_need_both_classes_on_val_whichever_is_missing():
-    assert evaluation.operating_points([0.2, 0.3], [0, 0], [0.5], [1]) == []
+    assert (
+        evaluation.operating_points(val_scores=[0.2, 0.3], val_labels=[0, 0], test_scores=[0.5], test_labels=[1]) == []
+    )

@@ -48,11 +48,11 @@ def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(
 ):
     write_shard, written = face_cache._write_shard, []
 
-    def killed_after_three(folder, shard, *args):
+    def killed_after_three(folder, shard, **contents):
         if len(written) == 3:
             raise KeyboardInterrupt  # the kill
         written.append(shard)
-        write_shard(folder, shard, *args)
+        write_shard(folder, shard, **contents)
 
     monkeypatch.setattr(face_cache, "_write_shard", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
@@ -63,7 +63,11 @@ def test_a_killed_build_resumes_where_it_stopped_and_is_never_read_half_built(
     with pytest.raises(UserError, match="damaged"):
         face_cache.FaceCache(folder, params)  # a half-built cache is never read
     written.clear()
-    monkeypatch.setattr(face_cache, "_write_shard", lambda *args: (written.append(args[1]), write_shard(*args)))
+    monkeypatch.setattr(
+        face_cache,
+        "_write_shard",
+        lambda folder, shard, **contents: (written.append(shard), write_shard(folder, shard, **contents)),
+    )
     cache = build(table, tmp_path / "cache")
     assert written == [3, 4, 5, 6] and cache.folder == folder and len(cache) == len(table)
     reference = build(table, tmp_path / "reference")

@@ -48,10 +48,10 @@ def png_header_only(width, height):
         (png_header_only(40000, 40000), 413, "over the limit"),  # past Pillow's own bomb limit too
     ],
 )
-def test_an_upload_that_cannot_be_scored_is_refused_with_its_status(data, status, message):
+def test_an_upload_that_cannot_be_scored_is_refused_and_the_service_answers_its_status(data, status, message):
     with pytest.raises(liveness.ImageRefused, match=message) as refused:
         liveness.decode_image(data, max_pixels=10_000_000)
-    assert refused.value.status == status
+    assert serve.REFUSAL_STATUS[type(refused.value)] == status
 
 
 def test_the_pixel_limit_is_inclusive_and_an_image_decodes_upright_in_rgb():

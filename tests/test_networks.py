@@ -1,8 +1,7 @@
-"""networks.py: building a model from timm with local or cached weights, and its compute budget."""
+"""networks.py: building a model from timm with local or cached weights."""
 
 import shutil
 
-import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -40,21 +39,3 @@ def test_pretrained_weights_load_from_a_local_file_and_from_the_cache(tmp_path):
     assert args.model_cache_dir == str(cache)
     model = networks.create_model(args.model_name, pretrained=True, cache_dir=args.model_cache_dir)
     assert torch.equal(model.stem[0].weight, source.stem[0].weight)
-
-
-@pytest.mark.parametrize(
-    "model_name, params_m, gmacs, within",
-    [
-        # timm's model cards (huggingface.co/timm/resnet18.a1_in1k, /convnext_tiny.in12k_ft_in1k): params, GMACs at 224
-        ("resnet18", 11.7, 1.8, "yes"),
-        ("convnext_tiny", 28.6, 4.5, "as MACs only"),
-    ],
-)
-def test_compute_budget_matches_timms_published_figures(model_name, params_m, gmacs, within):
-    net = timm.create_model(model_name)  # the 1000-class head, as published
-    budget = networks.compute_budget(net, model_name, 224)
-    assert budget["params_m"] == pytest.approx(params_m, rel=0.01)
-    assert budget["gmacs"] == pytest.approx(gmacs, rel=0.03)
-    assert budget["gflops"] == pytest.approx(2 * budget["gmacs"])
-    assert budget["within_challenge_limit"] == within
-    assert net.training  # the count leaves the model as it found it

@@ -26,6 +26,7 @@ from conftest import (
     split_paths,
     two_process_command,
 )
+import evaluation
 import train_stage1
 import wfas_data
 from errors import UserError
@@ -124,7 +125,10 @@ def test_the_teacher_of_several_folds_scores_an_image_with_their_mean(demo_root)
     rng = np.random.default_rng(0)
     fold_scores = [rng.random(len(table)) for _ in range(3)]
     fold_scores[0][0] = fold_scores[1][0] = fold_scores[2][0] = 1.0 - labels[0]  # all three sure of the wrong class
-    rows = [(np.array(table.paths()), labels, types, scores) for scores in fold_scores]
+    rows = [
+        evaluation.Predictions(paths=np.array(table.paths()), labels=labels, attack_types=types, scores=scores)
+        for scores in fold_scores
+    ]
     table.unseen_attacks = (types[labels == 0][0],)
     metrics, (paths, _, _, scores) = train_stage1.mean_of_folds(rows, table, threshold=0.45)
     by_hand = [(a + b + c) / 3 for a, b, c in zip(*fold_scores)]

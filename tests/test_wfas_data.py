@@ -188,10 +188,14 @@ def test_split_is_subject_disjoint_stratified_and_deterministic(demo_root):
 
 
 def test_split_csv_is_written_once_and_reused(demo_root, tmp_path):
-    table = wfas_data.load_or_create_split(demo_root, tmp_path, 0.1, 0.1, seed=0, log=lambda _: None)
+    table = wfas_data.load_or_create_split(
+        demo_root, tmp_path, val_fraction=0.1, test_fraction=0.1, seed=0, log=lambda _: None
+    )
     text = (tmp_path / "split.csv").read_text()
     assert text.splitlines()[0] == "path,label,attack_type,subject,split,x1,y1,x2,y2"
-    reused = wfas_data.load_or_create_split(demo_root, tmp_path, 0.5, 0.3, seed=9, log=lambda _: None)
+    reused = wfas_data.load_or_create_split(
+        demo_root, tmp_path, val_fraction=0.5, test_fraction=0.3, seed=9, log=lambda _: None
+    )
     assert (tmp_path / "split.csv").read_text() == text
     assert reused.paths() == table.paths() and np.array_equal(reused.split, table.split)
     # the boxes read once at indexing travel in split.csv: the demo's one image without a bbox file has none
@@ -381,7 +385,9 @@ def test_held_out_splits_without_both_classes_are_refused_before_training(tmp_pa
         for i in range(20)
     ]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    table = wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=lambda _: None)
+    table = wfas_data.load_or_create_split(
+        tmp_path / "list.txt", tmp_path / "EXP", val_fraction=0.2, test_fraction=0.2, log=lambda _: None
+    )
     for name in ("val", "test"):
         assert set(table.of_split(name).label.tolist()) == {LIVE, SPOOF}
     assert len(np.unique(table.subject)) == 20
@@ -393,7 +399,12 @@ def test_data_without_subjects_splits_by_image_with_a_warning(tmp_path):
         wfas_data.load_or_create_split(tmp_path / "list.txt", tmp_path / "EXP", log=lambda _: None)
     logged = []
     table = wfas_data.load_or_create_split(
-        tmp_path / "list.txt", tmp_path / "EXP", 0.2, 0.2, log=logged.append, split_by="image"
+        tmp_path / "list.txt",
+        tmp_path / "EXP",
+        val_fraction=0.2,
+        test_fraction=0.2,
+        log=logged.append,
+        split_by="image",
     )
     for name in ("val", "test"):
         assert set(table.of_split(name).label.tolist()) == {0, 1}
@@ -561,16 +572,20 @@ def test_split_csv_round_trips_every_column_and_refuses_what_is_not_one(tmp_path
         wfas_data.read_split_csv(tmp_path / "empty.csv", tmp_path)
     (tmp_path / "header.csv").write_text(",".join(wfas_data.SPLIT_COLUMNS + wfas_data.BOX_COLUMNS) + "\n")
     assert len(wfas_data.read_split_csv(tmp_path / "header.csv", tmp_path)) == 0
-    (tmp_path / "damaged.csv").write_text("path,label,attack_type,subject,split\na.jpg,1,live,s,somewhere\n")
+    (tmp_path / "damaged.csv").write_text("path,label,attack_type,subject,split,x1,y1,x2,y2\na.jpg,1,live,s,far,,,,\n")
     with pytest.raises(UserError, match="damaged.csv is damaged \\(.*\\); delete it to recompute the split$"):
         wfas_data.read_split_csv(tmp_path / "damaged.csv", tmp_path)
 
 
-def test_a_split_csv_without_box_columns_reads_the_boxes_from_the_bbox_files(tmp_path):
-    root = make_tree(tmp_path / "WFAS")
-    table = wfas_data.assign_splits(wfas_data.index_wfas(root), 0.3, 0.3)
-    wfas_data.write_split_csv(table, tmp_path / "split.csv")
-    lines = (tmp_path / "split.csv").read_text().splitlines()
-    (tmp_path / "old.csv").write_text("\n".join(",".join(line.split(",")[:5]) for line in lines) + "\n")
-    back = wfas_data.read_split_csv(tmp_path / "old.csv", root)
-    assert np.array_equal(back.box, table.box) and back.has_bbox.all()
+def test_a_split_csv_without_its_box_columns_or_its_record_is_refused(tmp_path, demo_root):
+    exp = tmp_path / "EXP"
+    wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
+    lines = (exp / "split.csv").read_text().splitlines()
+    (tmp_path / "five.csv").write_text("\n".join(",".join(line.split(",")[:5]) for line in lines) + "\n")
+    with pytest.raises(UserError, match="five.csv is not a split file: expected the columns"):
+        wfas_data.read_split_csv(tmp_path / "five.csv", demo_root)
+    (exp / "split_source.json").unlink()
+    with pytest.raises(
+        UserError, match="split.csv has no split_source.json beside it to say which data it splits: delete split.csv"
+    ):
+        wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)

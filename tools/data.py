@@ -103,15 +103,19 @@ def format_summary(summary):
 
 def build_cache(args):
     table = wfas_data.load_or_create_split(
-        args.data_root, args.output_dir, args.val_fraction, args.test_fraction, args.seed
+        args.data_root,
+        args.output_dir,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
     )
     start = time.time()
     cache = face_cache.build_face_cache(
         table,
         args.face_cache_dir or Path(args.output_dir) / "face_cache",
         args.img_size,
-        args.face_crop_scale,
-        args.workers,
+        face_crop_scale=args.face_crop_scale,
+        workers=args.workers,
     )
     seconds = time.time() - start
     print(
@@ -209,7 +213,7 @@ def main(argv=None):
     detect.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="detector processes")
     args = parser.parse_args(argv)
     if args.command == "detect":
-        return detect_boxes(args.data_root, args.overwrite, args.min_score, args.workers)
+        return detect_boxes(args.data_root, overwrite=args.overwrite, min_score=args.min_score, workers=args.workers)
     if args.command == "cache":
         return build_cache(args)
     summary = check_dataset(args.data_root, args.verify_images, args.workers)

@@ -29,10 +29,12 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import challenge  # noqa: E402
 import evaluation  # noqa: E402
 import networks  # noqa: E402
 import training_run  # noqa: E402
 import wfas_data  # noqa: E402
+from tools.checkpoint_flags import checkpoint_parser  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from output_files import aside  # noqa: E402
 from wfas_data import LIVE  # noqa: E402
@@ -41,7 +43,7 @@ logger = logging.getLogger("export_onnx")
 
 
 def parse_args(argv=None):
-    parser = networks.checkpoint_parser(__doc__)
+    parser = checkpoint_parser(__doc__)
     parser.add_argument(
         "--onnx_tolerance",
         type=float,
@@ -104,7 +106,9 @@ def parity_crops(output_dir, data_root, img_size, face_crop_scale, count=64):
         reason = f"{output_dir} names no data root; pass --data_root"
     else:
         try:
-            images, _ = split_crops(output_dir, data_root, "val", img_size, face_crop_scale, count)
+            images, _ = split_crops(
+                output_dir, data_root, "val", img_size=img_size, face_crop_scale=face_crop_scale, count=count
+            )
             return images, f"{len(images)} val images of {data_root}"
         except UserError as error:
             reason = str(error)
@@ -139,9 +143,12 @@ def export_onnx(args, batch_size=32):
     face_crop_scale = float(metadata.get("face_crop_scale", wfas_data.DEFAULT_FACE_CROP_SCALE))
     _, mean, std = networks.model_input(net)
     threshold = metadata.get("val_metrics", {}).get("threshold")
-    compute = metadata.get("compute") or networks.compute_budget(net, metadata["model_name"], img_size)
+    compute = metadata.get("compute") or challenge.compute_budget(net, metadata["model_name"], img_size)
     crops, source = parity_crops(
-        args.output_dir, args.data_root or recorded_data_root(args.output_dir), img_size, face_crop_scale
+        args.output_dir,
+        args.data_root or recorded_data_root(args.output_dir),
+        img_size=img_size,
+        face_crop_scale=face_crop_scale,
     )
     batches = list(crops.split(batch_size))
 
@@ -237,7 +244,16 @@ def export_onnx(args, batch_size=32):
     int8 = {}
     if args.int8:
         data_root = args.data_root or recorded_data_root(args.output_dir)
-        int8 = export_int8(args, onnx_path, session, data_root, img_size, face_crop_scale, threshold, batch_size)
+        int8 = export_int8(
+            args,
+            onnx_path,
+            fp32_session=session,
+            data_root=data_root,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            threshold=threshold,
+            batch_size=batch_size,
+        )
     return {
         **int8,
         "onnx_path": str(onnx_path),
@@ -259,7 +275,14 @@ def export_int8(args, onnx_path, fp32_session, data_root, img_size, face_crop_sc
 
     if not data_root or not (Path(args.output_dir) / "split.csv").is_file():
         raise UserError("--int8 calibrates on the experiment's val images: it needs EXP/split.csv and its data root")
-    calibration, _ = split_crops(args.output_dir, data_root, "val", img_size, face_crop_scale, args.calibration_images)
+    calibration, _ = split_crops(
+        args.output_dir,
+        data_root,
+        "val",
+        img_size=img_size,
+        face_crop_scale=face_crop_scale,
+        count=args.calibration_images,
+    )
 
     class Calibration(quantization.CalibrationDataReader):
         def __init__(self):
@@ -302,7 +325,14 @@ def export_int8(args, onnx_path, fp32_session, data_root, img_size, face_crop_sc
 
     rows = {}
     for split in ("val", "test"):
-        crops, labels = split_crops(args.output_dir, data_root, split, img_size, face_crop_scale, args.int8_eval_images)
+        crops, labels = split_crops(
+            args.output_dir,
+            data_root,
+            split,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            count=args.int8_eval_images,
+        )
         for name, session in (("fp32", fp32_session), ("int8", int8_session)):
             batches = list(crops.split(batch_size))
             session.run(None, {"face_crops": batches[0].numpy()})  # warm-up

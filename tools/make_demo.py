@@ -137,7 +137,7 @@ def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_live):
             image, points, _ = _demo_face(rng, identity)
-            _save_demo_image(image, points, folder / f"{i:03d}.jpg", rng)
+            _save_demo_image(image, points, path=folder / f"{i:03d}.jpg", rng=rng)
             count += 1
     spoof_subjects = max(3, subjects // 2)
     for attack_type in DEMO_ATTACK_TYPES:
@@ -147,7 +147,8 @@ def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(images_per_spoof):
                 image, points, inside = _demo_face(rng, identity)
-                _save_demo_image(_demo_attack(rng, attack_type, image, inside), points, folder / f"{i:03d}.jpg", rng)
+                attacked = _demo_attack(rng, attack_type, image=image, inside=inside)
+                _save_demo_image(attacked, points, path=folder / f"{i:03d}.jpg", rng=rng)
                 count += 1
     # WFAS quirks a real release has: a face the detector missed, stray files that are not images
     (train / "living" / "00000" / "000.txt").unlink()
@@ -160,9 +161,9 @@ def make_demo(out_dir, subjects=150, seed=0, images_per_live=4, images_per_spoof
         for i in range(unlabelled):
             image, points, inside = _demo_face(rng, _demo_identity(rng))
             if i % 2:
-                image = _demo_attack(rng, DEMO_ATTACK_TYPES[i % len(DEMO_ATTACK_TYPES)], image, inside)
+                image = _demo_attack(rng, DEMO_ATTACK_TYPES[i % len(DEMO_ATTACK_TYPES)], image=image, inside=inside)
             names.append(f"{i:06d}.jpg")
-            _save_demo_image(image, points, data / names[-1], rng)
+            _save_demo_image(image, points, path=data / names[-1], rng=rng)
         write_text(root / name / f"{name}.txt", "".join(n + "\n" for n in names))
     return root, count
 

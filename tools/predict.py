@@ -49,6 +49,7 @@ import face_detector  # noqa: E402
 import networks  # noqa: E402
 import training_run  # noqa: E402
 import wfas_data  # noqa: E402
+from tools.checkpoint_flags import checkpoint_parser  # noqa: E402
 from errors import StorageError, UserError, run_cli  # noqa: E402
 from progress import progress_bar  # noqa: E402
 from output_files import format_score, write_with  # noqa: E402
@@ -57,7 +58,7 @@ logger = get_logger("predict")
 
 
 def parse_args(argv=None):
-    parser = networks.checkpoint_parser(__doc__)
+    parser = checkpoint_parser(__doc__)
     parser.add_argument(
         "--predict_lists",
         nargs="+",
@@ -174,20 +175,26 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
         cache = None
         if args.face_cache:
             cache = face_cache.build_for_processes(
-                table, args.face_cache_dir, img_size, face_crop_scale, workers, accelerator, logger.info
+                table,
+                args.face_cache_dir,
+                img_size=img_size,
+                face_crop_scale=face_crop_scale,
+                workers=workers,
+                accelerator=accelerator,
+                log=logger.info,
             )
         scores = evaluation.score_table(
             model,
             accelerator,
             table,
-            img_size,
-            face_crop_scale,
-            args.batch_size,
-            args.num_workers,
-            args.tta,
-            cache,
-            Path(list_file).name,
-            logger.warning,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            tta=args.tta,
+            cache=cache,
+            desc=Path(list_file).name,
+            log_warning=logger.warning,
         )
         undecodable = np.isnan(scores)
         if undecodable.any():
@@ -263,7 +270,7 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
             f"--predict_folder {folder} holds no images ({', '.join(sorted(wfas_data.IMAGE_EXTENSIONS))} "
             "files, at any depth)"
         )
-    rows = find_faces(args, folder, paths, accelerator)
+    rows = find_faces(args, folder, paths=paths, accelerator=accelerator)
     scored = [k for k, row in enumerate(rows) if row[1] is not None or row[2] == "whole image"]
     table = wfas_data.unlabelled_table(folder, [paths[rows[k][0]] for k in scored])
     table.box = np.array(
@@ -275,14 +282,13 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
             model,
             accelerator,
             table,
-            img_size,
-            face_crop_scale,
-            args.batch_size,
-            args.num_workers,
-            args.tta,
-            None,
-            folder.name,
-            logger.warning,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            tta=args.tta,
+            desc=folder.name,
+            log_warning=logger.warning,
         )
     decisions = np.array([decide(row[2], score, threshold) for row, score in zip(rows, scores)])
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
@@ -390,7 +396,7 @@ def score_video(args, model, threshold):
                 Path(args.save_video).parent.mkdir(parents=True, exist_ok=True)
                 size = (frame.shape[1], frame.shape[0])
                 writer = cv2.VideoWriter(args.save_video, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-            writer.write(draw_frame(frame, face, smoothed, decision))
+            writer.write(draw_frame(frame, face, smoothed=smoothed, decision=decision))
         progress.update(1)
     progress.close()
     seconds = time.perf_counter() - started
@@ -456,7 +462,9 @@ def main(argv=None):
     training_run.setup_logging()
     results = {}
     if args.predict_video:
-        model = liveness.LivenessModel.load(args.output_dir, args.stage, args.checkpoint, args.onnx)
+        model = liveness.LivenessModel.load(
+            args.output_dir, stage=args.stage, checkpoint=args.checkpoint, onnx_path=args.onnx
+        )
         threshold = model.threshold
         if args.threshold is not None:
             threshold = args.threshold
@@ -482,10 +490,17 @@ def main(argv=None):
     )
     model = accelerator.prepare(net)
     if args.predict_lists:
-        results["submission_path"] = write_submission(args, accelerator, model, img_size, face_crop_scale)
+        results["submission_path"] = write_submission(
+            args, accelerator, model=model, img_size=img_size, face_crop_scale=face_crop_scale
+        )
     if args.predict_folder:
         results["folder_predictions"] = score_folder(
-            args, accelerator, model, img_size, face_crop_scale, run_threshold(args, metadata)
+            args,
+            accelerator,
+            model=model,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            threshold=run_threshold(args, metadata),
         )
     accelerator.wait_for_everyone()
     return results

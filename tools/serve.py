@@ -36,6 +36,9 @@ from errors import UserError, run_cli  # noqa: E402
 
 PAGE = Path(__file__).with_name("serve_page.html")
 
+# How the service answers an upload that cannot be scored.
+REFUSAL_STATUS = {liveness.EmptyImage: 400, liveness.ImageTooLarge: 413, liveness.NotAnImage: 415}
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +149,7 @@ def create_app(model, detector, args):
             try:
                 rgb = liveness.decode_image(data, args.max_pixels)
             except liveness.ImageRefused as error:
-                raise HTTPException(error.status, str(error)) from None
+                raise HTTPException(REFUSAL_STATUS[type(error)], str(error)) from None
             faces = liveness.detect_faces(detector, rgb)
             if faces:
                 scores = scorer.submit(model.crops(rgb, faces))
@@ -190,7 +193,9 @@ def main(argv=None):
         import uvicorn
     except ImportError as error:
         raise UserError(f"the service needs {error.name}: pip install -r requirements-serve.txt") from None
-    model = liveness.LivenessModel.load(args.output_dir, args.stage, args.checkpoint, args.onnx, os.cpu_count())
+    model = liveness.LivenessModel.load(
+        args.output_dir, stage=args.stage, checkpoint=args.checkpoint, onnx_path=args.onnx, threads=os.cpu_count()
+    )
     detector = face_detector.FaceDetector(args.min_face_score)
     app = create_app(model, detector, args)
     # bound here, so that the line below gives the port the service has (a free one for --port 0)
