@@ -157,9 +157,11 @@ write_experiment_info() {  # on the main node only: the experiment folder is sha
   [[ $NODE_RANK_HERE == 0 ]] || return 0
   "$PYTHON" - "$OUTPUT_DIR" "$START_TIME" "$COMMAND_LINE" "$STATUS1" "$SECONDS1" "$STATUS2" "$SECONDS2" "$HERE" \
     "$TORCH_AND_GPUS" <<'EOF'
-import json, os, platform, socket, subprocess, sys, datetime
+import json, os, platform, subprocess, sys, datetime
 from importlib.metadata import version  # timm's and accelerate's, without the seconds their imports take
 out, start, command, status1, seconds1, status2, seconds2, here, torch_and_gpus = sys.argv[1:]
+sys.path.insert(0, here)
+from output_files import write_json  # standard library only: no torch import here
 torch_version, *gpus = torch_and_gpus.splitlines()
 def results(name):
     path = os.path.join(out, name)
@@ -168,7 +170,8 @@ def stage(status, seconds, result):
     return {"exit_status": status, "wall_time_s": float(seconds) if seconds else None,
             "images_per_second": result.get("images_per_second")}
 commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-s1, s2 = results("stage1_results.json"), results("final_results.json")
+s1 = results("stage1_results.json")
+s2 = results("final_results.json")
 info = {
     "start_time": start, "end_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     "command_line": command, "git_commit": commit or None,
@@ -180,11 +183,7 @@ info = {
     "accelerate_args": os.environ.get("ACCELERATE_ARGS", ""),
     "stage1": stage(status1, seconds1, s1), "stage2": stage(status2, seconds2, s2),
 }
-path = os.path.join(out, "experiment_info.json")  # written aside and renamed, as output_files.write_json does
-tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-with open(tmp, "w") as f:
-    f.write(json.dumps(info, indent=2) + "\n")
-os.replace(tmp, path)
+write_json(os.path.join(out, "experiment_info.json"), info)
 EOF
 }
 
@@ -215,7 +214,7 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG_FILE:-$HF_HOME_DIR/accelerate/default_con
 # its traceback's last line only ("No module named 'torch'", a CUDA library missing...): one line for a user error
 wait "$GPU_CHECK_PID" \
   || fail "$PYTHON cannot import torch ($(tail -n 1 "$GPU_CHECK_ERRORS")): pip install -r requirements.txt"
-cat "$GPU_CHECK_ERRORS" >&2  # torch's warnings, if any (an NVIDIA driver too old for this build...), as before
+cat "$GPU_CHECK_ERRORS" >&2  # torch's warnings, if any (an NVIDIA driver too old for this build...)
 TORCH_VERSION="$(sed -n 1p "$GPU_CHECK_FILE")"
 GPU_PRECISION="$(sed -n 2p "$GPU_CHECK_FILE")"
 GPUS="$(tail -n +3 "$GPU_CHECK_FILE")"

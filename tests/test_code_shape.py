@@ -135,6 +135,87 @@ def test_code_reads_as_people_write_it():
     assert not problems, "\n".join(problems)
 
 
+def calls_with_many_positional_arguments(paths, defined):
+    """Places where a function or class of `defined` is called with more than three positional arguments."""
+    places = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            positional = [arg for arg in node.args if not isinstance(arg, ast.Starred)]
+            if name in defined and len(positional) > 3:
+                places.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node.func)}")
+    return places
+
+
+def test_a_call_of_more_than_three_arguments_names_them():
+    defined = {
+        node.name
+        for path in PROJECT
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    places = calls_with_many_positional_arguments(PROJECT, defined)
+    assert not places, "name the arguments of these calls:\n" + "\n".join(places)
+
+
+def test_the_call_check_finds_four_positional_arguments(tmp_path):
+    (tmp_path / "a.py").write_text("def f(a, b, c, d):\n    pass\n\n\nf(1, 2, 3, d=4)\nf(1, 2, 3, 4)\n")
+    global REPO
+    repo = REPO
+    REPO = tmp_path
+    try:
+        assert calls_with_many_positional_arguments([tmp_path / "a.py"], {"f"}) == ["a.py:6 f"]
+    finally:
+        REPO = repo
+
+
+def test_shared_modules_take_values_not_the_command_lines_namespace():
+    # starting a run (the Accelerator from the flags, the flags saved) is the one place that reads them all
+    allowed = {"training_run.py:start"}
+    taking = [
+        f"{path.name}:{node.name}"
+        for path in SHARED
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and "args" in [arg.arg for arg in node.args.args + node.args.kwonlyargs]
+    ]
+    assert set(taking) <= allowed, f"pass these the values they use: {sorted(set(taking) - allowed)}"
+
+
+# What each update decides, as the stage scripts' train_one_epoch calls it: none of it in a shared module.
+UPDATE_DECISIONS = {"step_update", "clip_grad_norm_", "step", "zero_grad", "update", "save_latest", "requested", "stop"}
+
+
+def called_methods(node):
+    return {
+        call.func.attr for call in ast.walk(node) if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+    }
+
+
+def counts_updates(node):
+    return any(
+        isinstance(step, ast.AugAssign) and getattr(step.target, "attr", None) == "global_step"
+        for step in ast.walk(node)
+    )
+
+
+def test_each_stage_makes_every_training_decision_in_its_own_train_one_epoch():
+    for path in STAGES:
+        loops = [
+            node
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef) and node.name == "train_one_epoch"
+        ]
+        assert len(loops) == 1, f"{path.name} has no train_one_epoch"
+        missing = UPDATE_DECISIONS - called_methods(loops[0])
+        assert not missing and counts_updates(loops[0]), f"{path.name}'s train_one_epoch does not call {missing}"
+    for path in SHARED:
+        tree = ast.parse(path.read_text())
+        decided = called_methods(tree) & {"step_update", "clip_grad_norm_", "save_latest", "requested"}
+        assert not decided and not counts_updates(tree), f"{path.name} decides for the loop: {decided}"
+
+
 def test_no_module_is_named_for_nothing():
     vague = [p for p in PROJECT if re.fullmatch(r"(utils?|common|helpers?|misc)", p.stem)]
     assert not vague, f"name these for what they hold: {vague}"

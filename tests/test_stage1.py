@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import (
+    QUICK_STAGE,
     REPO,
     TINY_STAGE1,
     eer_pair_by_scikit_learn,
@@ -700,3 +701,21 @@ def test_folds_of_one_image_subjects_by_hand(tmp_path, subjects_per_type, per_ty
         for kind in ("live", "print", "mask"):
             assert sorted(np.bincount(folds[train.attack_type == kind.encode()], minlength=3)) == per_type
         assert np.bincount(folds, minlength=3).tolist() == [subjects_per_type] * 3
+
+
+@pytest.mark.end_to_end
+@pytest.mark.parametrize(
+    "accumulation, epochs, max_steps",
+    [(3, 2, None), (1, 3, 7)],  # a last, shorter accumulation still updates; --max_train_steps cuts the run
+)
+def test_a_run_makes_the_updates_counted_by_hand(demo_root, tmp_path, accumulation, epochs, max_steps):
+    flags = [*QUICK_STAGE, "--num_epochs", str(epochs), "--gradient_accumulation_steps", str(accumulation)]
+    if max_steps:
+        flags += ["--max_train_steps", str(max_steps)]
+    results = train_stage1.main(["--data_root", str(demo_root), "--output_dir", str(tmp_path), *flags])
+    with open(tmp_path / "split.csv", newline="") as f:
+        train_images = sum(row["split"] == "train" for row in csv.DictReader(f))
+    batches = train_images // 8  # shuffled batches drop the last incomplete one
+    updates_per_epoch = -(-batches // accumulation)
+    expected = epochs * updates_per_epoch if max_steps is None else min(epochs * updates_per_epoch, max_steps)
+    assert results["soft_label_folds"]["folds"][0]["updates"] == expected

@@ -33,6 +33,7 @@ import json
 import sys
 import time
 import zipfile
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -212,13 +213,22 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
     return str(txt)
 
 
+class FaceRow(NamedTuple):
+    """A face to score in a folder's image."""
+
+    image: int  # the image's index in the folder's list
+    points: np.ndarray | None  # (7, 2): the box's corners and 5 landmarks; None: the whole image, or nothing to score
+    source: str  # bbox file, detector, whole image, no face or undecodable
+    detector_score: float  # NaN without the detector
+
+
 def find_faces(args, folder, paths, accelerator):
-    """The faces to score, one row each: (image index, (7, 2) points or None for the whole image, source,
-    detector score), from the bbox files and, for the images without one, the detector, which the main process
-    runs and the others receive. An image with no face, or that does not decode, has one row without points."""
+    """The FaceRows to score, from the bbox files and, for the images without one, the detector, which the main
+    process runs and the others receive. An image with no face, or that does not decode, has one row without
+    points."""
     table = wfas_data.unlabelled_table(folder, paths)
     if args.whole_image:
-        return [(i, None, "whole image", np.nan) for i in range(len(paths))]
+        return [FaceRow(image=i, points=None, source="whole image", detector_score=np.nan) for i in range(len(paths))]
     rows = []
     error = None
     found = {}
@@ -238,11 +248,16 @@ def find_faces(args, folder, paths, accelerator):
         for i in range(len(paths)):
             if i not in found:
                 box = table.box[i]
-                rows.append((i, np.array([box[:2], box[2:]]), "bbox file", np.nan))
+                points = np.array([box[:2], box[2:]])
+                rows.append(FaceRow(image=i, points=points, source="bbox file", detector_score=np.nan))
             elif not found[i]:
-                rows.append((i, None, "no face" if found[i] is not None else "undecodable", np.nan))
+                source = "no face" if found[i] is not None else "undecodable"
+                rows.append(FaceRow(image=i, points=None, source=source, detector_score=np.nan))
             else:
-                rows += [(i, points, "detector", score) for score, points in found[i][: None if args.all_faces else 1]]
+                faces = found[i][: None if args.all_faces else 1]
+                rows += [
+                    FaceRow(image=i, points=points, source="detector", detector_score=score) for score, points in faces
+                ]
     rows, error = broadcast_object_list([rows, error])
     if error:
         raise UserError(error)
@@ -271,10 +286,11 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
             "files, at any depth)"
         )
     rows = find_faces(args, folder, paths=paths, accelerator=accelerator)
-    scored = [k for k, row in enumerate(rows) if row[1] is not None or row[2] == "whole image"]
-    table = wfas_data.unlabelled_table(folder, [paths[rows[k][0]] for k in scored])
+    scored = [k for k, row in enumerate(rows) if row.points is not None or row.source == "whole image"]
+    table = wfas_data.unlabelled_table(folder, [paths[rows[k].image] for k in scored])
     table.box = np.array(
-        [rows[k][1][:2].reshape(-1) if rows[k][1] is not None else [np.nan] * 4 for k in scored], dtype=np.float32
+        [rows[k].points[:2].reshape(-1) if rows[k].points is not None else [np.nan] * 4 for k in scored],
+        dtype=np.float32,
     ).reshape(-1, 4)
     scores = np.full(len(rows), np.nan)
     if scored:
@@ -290,7 +306,7 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
             desc=folder.name,
             log_warning=logger.warning,
         )
-    decisions = np.array([decide(row[2], score, threshold) for row, score in zip(rows, scores)])
+    decisions = np.array([decide(row.source, score, threshold) for row, score in zip(rows, scores)])
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
 
     def write(tmp):
@@ -319,11 +335,11 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_with(csv_path, write)
         if args.save_overlays:
-            for i in progress_bar(sorted({row[0] for row in rows}), desc="overlays"):
+            for i in progress_bar(sorted({row.image for row in rows}), desc="overlays"):
                 drawn = [
-                    (row[1], score, decision)
+                    (row.points, score, decision)
                     for row, score, decision in zip(rows, scores, decisions)
-                    if row[0] == i and row[1] is not None
+                    if row.image == i and row.points is not None
                 ]
                 with contextlib.suppress(*wfas_data.DECODE_ERRORS):
                     face_detector.draw_overlay(
@@ -359,6 +375,18 @@ def run_threshold(args, metadata):
     return threshold
 
 
+class FrameRow(NamedTuple):
+    """A video frame's line of video_<name>.csv."""
+
+    index: int
+    time_s: float
+    face: liveness.Face | None  # the face followed, None where there is none
+    p_live: float  # NaN without a face
+    smoothed: float  # P(live) smoothed over the track's frames
+    decision: str
+    track: int
+
+
 def score_video(args, model, threshold):
     """EXP/video_<name>.csv, a row per frame, and the clip's decision (see the docstring)."""
     import cv2
@@ -390,7 +418,16 @@ def score_video(args, model, threshold):
         else:
             p_live = float(model.score(model.crops(rgb, [face]))[0])
             smoothed, decision = stream.update(p_live)
-        rows.append((len(rows), len(rows) / fps, face, p_live, smoothed, decision, stream.tracks))
+        row = FrameRow(
+            index=len(rows),
+            time_s=len(rows) / fps,
+            face=face,
+            p_live=p_live,
+            smoothed=smoothed,
+            decision=decision,
+            track=stream.tracks,
+        )
+        rows.append(row)
         if args.save_video:
             if writer is None:
                 Path(args.save_video).parent.mkdir(parents=True, exist_ok=True)
@@ -426,16 +463,16 @@ def score_video(args, model, threshold):
 
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     write_with(csv_path, write)
-    decided = [row[5] for row in rows if row[5] in ("live", "spoof")]
+    decided = [row.decision for row in rows if row.decision in ("live", "spoof")]
     clip = "no_face"
     if decided:
         clip = max(("live", "spoof"), key=decided.count)
-    elif any(row[2] for row in rows):
+    elif any(row.face for row in rows):
         clip = "undecided"
     logger.info(
         f"Scored {len(rows)} frames of {args.predict_video} at {len(rows) / seconds:.1f} frames/s: clip decision "
         f"{clip} ({decided.count('live')} live, {decided.count('spoof')} spoof, "
-        f"{sum(row[5] == 'no_face' for row in rows)} without a face, threshold {threshold:.4f}); wrote {csv_path}"
+        f"{sum(row.decision == 'no_face' for row in rows)} without a face, threshold {threshold:.4f}); wrote {csv_path}"
         + (f" and {args.save_video}" if args.save_video else "")
     )
     return {"video_predictions": str(csv_path), "clip_decision": clip, "frames": len(rows), "fps": len(rows) / seconds}
