@@ -312,7 +312,7 @@ def train_one_epoch(
         scheduler.step_update(state.global_step)
         if ema is not None:
             ema.update(net, step=state.global_step)
-        run_log.show_update(meter)
+        run_log.show_update(meter, state.global_step)
         if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
             checkpoints.save_latest(state)
             logger.info(

@@ -234,10 +234,11 @@ class RunLog:
             disable=not accelerator.is_local_main_process,
         )
 
-    def show_update(self, meter):
-        """One update on the progress bar; every 20, the epoch's mean loss and images per second."""
+    def show_update(self, meter, global_step):
+        """One update on the progress bar; every 20, the epoch's mean loss and images per second (a host sync,
+        on the process that shows the bar only)."""
         self.progress.update(1)
-        if self.progress.n % 20 == 0:
+        if global_step % 20 == 0 and not self.progress.disable:
             speed = meter.images / (time.time() - meter.start)
             mean_loss = meter.sums["loss"].item() / meter.steps
             self.progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
