@@ -367,10 +367,10 @@ def test_final_results_and_report_carry_the_operating_points(stage2_run):
         return np.array([kind(r[name]) for r in rows[split]])
 
     expected = evaluation.operating_points(
-        column("val", "score", float),
-        column("val", "label", int),
-        column("test", "score", float),
-        column("test", "label", int),
+        val_scores=column("val", "score", float),
+        val_labels=column("val", "label", int),
+        test_scores=column("test", "score", float),
+        test_labels=column("test", "label", int),
     )
     assert final["operating_points"] == expected and len(expected) == 4
     text = (exp / "report.md").read_text()

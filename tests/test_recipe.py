@@ -249,7 +249,10 @@ def recompute_groups(csv_path, threshold):
         rows = list(csv.DictReader(f))
     scores, labels = np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows])
     types = np.array([r["attack_type"] for r in rows])
-    return evaluation.compute_metrics(scores, labels, types, threshold, tuple(sorted(HELD_OUT))), types
+    metrics = evaluation.compute_metrics(
+        scores, labels, types, threshold=threshold, unseen_attacks=tuple(sorted(HELD_OUT))
+    )
+    return metrics, types
 
 
 @pytest.mark.slow
