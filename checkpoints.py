@@ -75,7 +75,7 @@ class Checkpoints:
             self.ema = ModelEmaV3(net, decay=decay, use_warmup=True)
         return self.ema
 
-    def resume(self, resume_from, *, batch_size, gradient_accumulation_steps, updates_per_epoch):
+    def resume(self, resume_from, *, batch_size, gradient_accumulation_steps, updates_per_epoch, num_epochs):
         """(RunState, batches each process skips in the unfinished epoch), from resume_from ('latest', a folder,
         or None: fresh). accelerate's lines say what it could not restore (the RNG of another number of processes,
         say)."""
@@ -112,7 +112,7 @@ class Checkpoints:
                     f"{global_step} of the new schedule (update {state.global_step} of the old one)"
                 )
             state.global_step = global_step
-            position = f"epoch {state.epoch + 1} done"
+            position = f"epoch {state.epoch + 1} of {num_epochs} done"
             if skip_batches:
                 position += f" and {skip_batches} batches of the next"
             logger.info(

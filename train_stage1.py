@@ -413,6 +413,7 @@ def train_teacher(args, *, fold, folds, teacher, splits, face_dataset, loaders, 
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         updates_per_epoch=updates_per_epoch,
+        num_epochs=args.num_epochs,
     )
     saved_folds = state.soft_label_folds or num_folds  # None: a fresh state
     if saved_folds != num_folds:

@@ -385,6 +385,7 @@ def train_student(
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         updates_per_epoch=updates_per_epoch,
+        num_epochs=args.num_epochs,
     )
     scheduler.step_update(state.global_step)
 

@@ -5,7 +5,7 @@ of one costs on this CPU.
     python benchmarks/benchmark_deployment.py export maxvit_base_tf_224 [--img_size 224] [--onnx_tolerance 1e-4]
 
 budget: parameters, GMACs and GFLOPs (2 x MACs) of one image's forward pass, counted by
-networks.compute_budget (torch's FLOP counter), for the recipe's models and smaller ones of the same families.
+challenge.compute_budget (torch's FLOP counter), for the recipe's models and smaller ones of the same families.
 
 export: a randomly initialised checkpoint of the model, written as train_stage2.py writes its best one, goes
 through `tools/export_onnx.py` (export, metadata, onnxruntime parity on 64 generated crops, img/s of
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import wfas_data  # noqa: E402
+import challenge  # noqa: E402
 import networks  # noqa: E402
 
 DEFAULT_MODELS = [
@@ -56,7 +57,7 @@ def budget(specs):
         model_name, _, size = spec.partition("@")
         net = networks.create_model(model_name, int(size) if size else None)
         img_size = int(size) if size else net.pretrained_cfg["input_size"][-1]
-        b = networks.compute_budget(net, model_name, img_size)
+        b = challenge.compute_budget(net, model_name, img_size)
         print(
             f"| {model_name} | {img_size} | {b['params_m']:.1f} | {b['gmacs']:.2f} | {b['gflops']:.2f} | "
             f"{b['within_challenge_limit']} |",

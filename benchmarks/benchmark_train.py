@@ -48,6 +48,7 @@ import train_stage2  # noqa: E402
 import wfas_data  # noqa: E402
 from tools import make_demo  # noqa: E402
 import face_cache  # noqa: E402
+import challenge  # noqa: E402
 import networks  # noqa: E402
 
 STAGES = {1: ("convnext_atto", train_stage1), 2: ("maxvit_rmlp_pico_rw_256", train_stage2)}
@@ -283,7 +284,7 @@ def recipe_table(args):
     for model_name in args.recipe_models:
         net = timm.create_model(model_name, num_classes=2)
         img_size = networks.model_input(net)[0]
-        flops_per_image = 3 * networks.compute_budget(net, model_name, img_size)["gflops"] * 1e9
+        flops_per_image = 3 * challenge.compute_budget(net, model_name, img_size)["gflops"] * 1e9
         del net
 
         def run(precision, channels_last, batch_size, compiled):

@@ -346,7 +346,8 @@ def test_two_processes_give_each_image_its_own_soft_label(stage1_run, demo_root,
     teacher's own softmax, computed here, and as many images as one process labels."""
     exp = tmp_path / "EXP"
     exp.mkdir()
-    shutil.copy(stage1_run[0] / "split.csv", exp / "split.csv")
+    for name in ("split.csv", "split_source.json"):  # the split of stage1_run, with its record
+        shutil.copy(stage1_run[0] / name, exp / name)
     # the photos, not the face cache's JPEG crops: scored here the same way
     args = ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1, "--no-face_cache"]
     result = launch_two_processes("train_stage1.py", args)
@@ -479,7 +480,8 @@ with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
 def test_processes_draw_their_own_augmentation_but_share_the_shuffle(stage1_run, demo_root, tmp_path):
     exp = tmp_path / "EXP"
     exp.mkdir()
-    shutil.copy(stage1_run[0] / "split.csv", exp / "split.csv")
+    for name in ("split.csv", "split_source.json"):  # the split of stage1_run, with its record
+        shutil.copy(stage1_run[0] / name, exp / name)
     probe = tmp_path / "probe.py"
     probe.write_text(AUGMENTATION_PROBE.format(repo=str(REPO), out=str(tmp_path)))
     result = launch_two_processes(str(probe), ["--data_root", str(demo_root), "--output_dir", str(exp), *TINY_STAGE1])
@@ -614,7 +616,8 @@ def test_sigusr1_mid_epoch_saves_where_the_run_stands_and_the_same_command_resum
 
 @pytest.mark.slow
 def test_sigterm_stops_two_processes_at_the_same_update_mid_epoch(stage1_run, demo_root, tmp_path):
-    shutil.copy(stage1_run[0] / "split.csv", tmp_path / "split.csv")
+    for name in ("split.csv", "split_source.json"):
+        shutil.copy(stage1_run[0] / name, tmp_path / name)
     args = [
         "--data_root",
         str(demo_root),
