@@ -131,6 +131,52 @@ def compute_metrics(scores, labels, attack_types, *, threshold=None, unseen_atta
     return metrics
 
 
+# The false positive rates of the field's cross-dataset tables: TPR at FPR = 1 % and 0.1 % (live taken as positive).
+TPR_AT_FPR = (0.01, 0.001)
+
+
+def tpr_at_fpr(scores, labels, fpr):
+    """The highest share of live faces accepted (TPR) at a threshold that accepts at most fpr of the spoof faces
+    (APCER <= fpr), counted in images; NaN without both classes."""
+    labels = np.asarray(labels)
+    num_live = int((labels == LIVE).sum())
+    num_spoof = int((labels == SPOOF).sum())
+    if not num_live or not num_spoof:
+        return float("nan")
+    _, spoof_accepted, live_rejected = candidate_thresholds(scores, labels)
+    allowed = spoof_accepted <= fpr * num_spoof + 1e-9
+    return float((num_live - live_rejected[allowed]).max() / num_live)
+
+
+def cross_dataset_metrics(scores, labels, attack_types, *, threshold):
+    """The field's numbers for a dataset the model never trained on: HTER at threshold (fitted on the training
+    data's val: the target's labels never choose it) = (APCER + BPCER) / 2, with APCER, BPCER and the APCER of each
+    attack type; and EER, AUC and TPR at FPR 1 % and 0.1 %, which need no threshold."""
+    metrics = compute_metrics(scores, labels, attack_types, threshold=threshold)
+    return {
+        "threshold": metrics["threshold"],
+        "hter": metrics["acer"],
+        "apcer": metrics["apcer"],
+        "bpcer": metrics["bpcer"],
+        "acer": metrics["acer"],
+        "eer": metrics["eer"],
+        "auc": metrics["auc"],
+        **{f"tpr_at_fpr_{fpr * 100:g}%": tpr_at_fpr(scores, labels, fpr) for fpr in TPR_AT_FPR},
+        "apcer_per_attack": metrics["apcer_per_attack"],
+        "num_images": metrics["num_images"],
+    }
+
+
+def by_video(scores, labels, attack_types, *, videos):
+    """(scores, labels, attack types) per video: the mean of its frames' scores, as the field's video-level
+    numbers take it."""
+    videos = np.asarray(videos)
+    names, first, inverse = np.unique(videos, return_index=True, return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(scores, dtype=np.float64), minlength=len(names))
+    counts = np.bincount(inverse, minlength=len(names))
+    return sums / counts, np.asarray(labels)[first], np.asarray(attack_types)[first]
+
+
 METRIC_LABELS = {
     "acc": "ACC",
     "apcer": "APCER",

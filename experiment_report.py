@@ -238,6 +238,34 @@ def unseen_attack_section(split_source, stage1, final):
     return lines
 
 
+def cross_dataset_section(output_dir):
+    """The report's lines for the datasets tools/predict.py --evaluate scored (EXP/cross_dataset/*_metrics.json)."""
+    files = sorted((output_dir / "cross_dataset").glob("*_metrics.json"))
+    if not files:
+        return []
+    lines = [
+        "",
+        "## Cross-dataset evaluation",
+        "",
+        "Datasets scored by `tools/predict.py --evaluate`, at the threshold fitted on this experiment's val.",
+        "",
+        "| dataset | scope | level | count | HTER | APCER | BPCER | EER | AUC | TPR@FPR=1% | TPR@FPR=0.1% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in files:
+        metrics = json.loads(path.read_text())
+        for level in ("frame", "video"):
+            if level not in metrics:
+                continue
+            m = metrics[level]
+            lines.append(
+                f"| {metrics['dataset']} | {metrics['scope']} | {level} | {m['num_images']} | {m['hter']:.4f} | "
+                f"{m['apcer']:.4f} | {m['bpcer']:.4f} | {m['eer']:.4f} | {m['auc']:.4f} | {m['tpr_at_fpr_1%']:.4f} | "
+                f"{m['tpr_at_fpr_0.1%']:.4f} |"
+            )
+    return lines
+
+
 def write_report(output_dir):
     """EXP/report.md: the key metrics of both stages, their plots, the configuration and the data, at a glance.
     Built from the files in EXP, so either stage (or this tool) can (re)write it. Returns its path."""
@@ -300,6 +328,7 @@ def write_report(output_dir):
             f"{p['test_apcer']:.4f} | {p['test_bpcer']:.4f} | {'yes' if p['resolved'] else 'no'} |"
             for p in final["operating_points"]
         ]
+    lines += cross_dataset_section(output_dir)
     compute = [
         (name, results["compute"])
         for name, results in (("teacher (stage 1)", stage1), ("student (stage 2)", final))

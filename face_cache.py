@@ -37,6 +37,8 @@ def face_cache_params(table, img_size, face_crop_scale):
     """What a cache is built from: a cache is only ever read by runs with exactly these."""
     digest = hashlib.sha1(b"\0".join(table.path.tolist()))
     digest.update(np.ascontiguousarray(table.box).tobytes())
+    if np.isfinite(table.box_space).any():  # boxes measured in another size (CelebA-Spoof's 224 x 224)
+        digest.update(np.ascontiguousarray(table.box_space).tobytes())
     return {
         "version": FACE_CACHE_VERSION,
         "data_root": str(Path(table.root).resolve()),
@@ -121,6 +123,7 @@ class _CropEncoder(torch.utils.data.Dataset):
                 self.table.box[row],
                 self.face_crop_scale,
                 min_side=self.size,
+                box_space=self.table.box_space[row],
             )
         except StorageError as error:
             return row, None, "storage", str(error)

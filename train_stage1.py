@@ -34,6 +34,7 @@ import challenge
 import evaluation
 import experiment_report
 import face_cache
+import fas_formats
 import losses
 import networks
 import training_run
@@ -58,7 +59,18 @@ def build_parser():
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data_root",
-        help="WFAS folder (holding Train/), Train/ itself, a folder of live/ and spoof/, or a labelled list file",
+        nargs="+",
+        metavar="SOURCE",
+        help="WFAS folder (holding Train/), a folder of live/ and spoof/, a labelled list file, frames of a video set "
+        "(tools/data.py frames), or FORMAT:DIR (celeba_spoof, frames, ...: docs/data.md); several train together",
+    )
+    group.add_argument(
+        "--protocol",
+        nargs="+",
+        default=[],
+        metavar="FORMAT:PROTOCOL",
+        help="the official protocol of a source that has several: oulu_npu:1 ... oulu_npu:4, with the phone held out "
+        "in 3 and 4 (oulu_npu:3.2), celeba_spoof:intra_test (default: the first)",
     )
     group.add_argument("--output_dir", default="output", help="experiment folder")
     group.add_argument("--val_fraction", type=float, default=0.1, help="share of subjects held out for val")
@@ -182,6 +194,8 @@ def build_parser():
 
 def parse_args(argv=None):
     args = training_run.parse_with_config(build_parser(), argv, STAGE)
+    if isinstance(args.data_root, list):  # several sources: one comma-separated text, as --config may give it
+        args.data_root = ",".join(args.data_root)
     if not args.data_root:
         raise UserError(
             "--data_root is required (the WFAS folder that holds Train/); "
@@ -550,6 +564,7 @@ def main(argv=None):
             log=logger.info,
             unseen_attacks=args.unseen_attacks,
             split_by=args.split_by,
+            protocols=fas_formats.parse_protocols(args.protocol),
         )
         return table, create_teacher(args)
 

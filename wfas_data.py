@@ -1,5 +1,7 @@
-"""WFAS data: indexing, subject-disjoint splits, face crops, the datasets and the loaders of both stages and the
-tools (the train transforms are the stage scripts'; the face-crop cache is face_cache.py).
+"""The data of both stages and the tools: indexing (WFAS, live/ + spoof/ folders and lists here; the other face
+anti-spoofing datasets' own layouts are read in fas_formats.py), several sources in one table, subject-disjoint or
+official splits, face crops, the datasets and the loaders (the train transforms are the stage scripts'; the
+face-crop cache is face_cache.py).
 
     python tools/data.py check --data_root DIR [--json] [--verify_images]   # a summary before a long run
 
@@ -24,12 +26,12 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.transforms import v2 as T
 
+import fas_formats
 from errors import StorageError, UserError
+from fas_formats import LIVE, SPOOF
 from output_files import aside, write_json
 from progress import progress_bar
 
-LIVE = 1
-SPOOF = 0
 LIVE_TYPE = "live"  # attack_type of live samples in split.csv and in reports
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -62,12 +64,21 @@ class SampleTable:
     split: np.ndarray = None  # int8 index into SPLITS, once assigned
     row: np.ndarray = None  # int64: the row in the table this one was selected from (a face cache's index)
     unseen_attacks: tuple = ()  # attack types held out of train (--unseen_attacks): metrics report them apart
+    box_space: np.ndarray = None  # float32 [N, 2]: the width, height the box is measured in; NaN: the image's own
+    source: np.ndarray = None  # bytes: the dataset an image comes from (its format, or the data root's name)
+    video: np.ndarray = None  # bytes: the video a frame was sampled from; empty for photos
+    membership: np.ndarray = None  # bytes: the official splits that list it, "protocol=split;..."; empty for none
 
     def __post_init__(self):
         if self.box is None:
             self.box = np.full((len(self.path), 4), np.nan, dtype=np.float32)
         if self.row is None:
             self.row = np.arange(len(self.path))
+        if self.box_space is None:
+            self.box_space = np.full((len(self.path), 2), np.nan, dtype=np.float32)
+        for name in ("source", "video", "membership"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self.path), b"", dtype="S1"))
 
     def __len__(self):
         return len(self.path)
@@ -83,6 +94,10 @@ class SampleTable:
             box=self.box[mask],
             split=None if self.split is None else self.split[mask],
             row=self.row[mask],
+            box_space=self.box_space[mask],
+            source=self.source[mask],
+            video=self.video[mask],
+            membership=self.membership[mask],
         )
 
     def of_split(self, name):
@@ -95,18 +110,25 @@ class SampleTable:
         return [a.decode() for a in self.attack_type]
 
 
-def _make_table(root, paths, *, labels, attack_types, subjects, has_bbox, box=None):
-    def as_bytes(strings):
-        return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
+def _as_bytes(strings):
+    return np.array([s.encode() for s in strings], dtype=bytes) if len(strings) else np.array([], dtype="S1")
 
+
+def _make_table(root, paths, *, labels, attack_types, subjects, has_bbox, box=None, **columns):
+    """A SampleTable of columns of strings and numbers; columns: box_space, and source, video and membership as
+    strings."""
+    for name in ("source", "video", "membership"):
+        if name in columns:
+            columns[name] = _as_bytes(columns[name])
     return SampleTable(
         root=Path(root),
-        path=as_bytes(paths),
+        path=_as_bytes(paths),
         label=np.asarray(labels, dtype=np.int8),
-        attack_type=as_bytes(attack_types),
-        subject=as_bytes(subjects),
+        attack_type=_as_bytes(attack_types),
+        subject=_as_bytes(subjects),
         has_bbox=np.asarray(has_bbox, dtype=bool),
         box=box,
+        **columns,
     )
 
 
@@ -234,10 +256,84 @@ def index_labelled_list(list_file):
     )
 
 
+def index_source(source):
+    """The table of one fas_formats.Source, its source column set: WFAS (or live/ + spoof/ folders), a labelled
+    list, CelebA-Spoof or the frames of a video set (tools/data.py frames)."""
+    source_format = source.format or fas_formats.detect_format(source.path)
+    name = source_format
+    if source_format in fas_formats.VIDEO_FORMATS:
+        raise UserError(
+            f"--data_root {source} holds videos: sample their frames first (python tools/data.py frames "
+            f"--data_root {source_format}:{source.path} --out FRAMES --frames_per_video 10), then train on "
+            "--data_root FRAMES"
+        )
+    if source_format == "list":
+        table = index_labelled_list(source.path)
+    elif source_format in ("wfas", "folders"):
+        table = index_wfas(source.path)
+    else:
+        if source_format == "celeba_spoof":
+            listing = fas_formats.list_celeba_spoof(source.path)
+        else:
+            listing = fas_formats.read_frames_index(source.path)
+            name = json.loads((source.path / "frames_source.json").read_text())["format"]
+        table = _make_table(
+            source.path,
+            listing.paths,
+            labels=listing.labels,
+            attack_types=listing.attack_types,
+            subjects=listing.subjects,
+            has_bbox=~np.isnan(listing.boxes[:, 0]),
+            box=listing.boxes,
+            box_space=listing.box_space,
+            video=listing.videos,
+            membership=listing.memberships,
+        )
+    table.source = np.full(len(table), name.encode())
+    return table
+
+
 def index_dataset(data_root):
-    """Index a WFAS folder, or a labelled list file."""
-    source = Path(data_root).expanduser()
-    return index_labelled_list(source) if source.is_file() else index_wfas(source)
+    """The table of --data_root: one source, or several (comma-separated `DIR` or `FORMAT:DIR`) in one table
+    whose root is their common folder, each image keeping its source; subjects stay apart across sources."""
+    sources = fas_formats.parse_sources(data_root)
+    tables = [index_source(source) for source in sources]
+    if len(tables) == 1:
+        return tables[0]
+    names = [t.source[0].decode() for t in tables]
+    for k, table in enumerate(tables):  # two sources of one format: their names stay apart
+        if names.count(names[k]) > 1:
+            table.source = np.full(len(table), f"{names[k]}#{names[: k + 1].count(names[k])}".encode())
+    root = Path(os.path.commonpath([str(t.root.resolve()) for t in tables]))
+    columns = {}
+    for name in ("path", "subject"):
+        columns[name] = np.concatenate(
+            [
+                np.char.add(f"{t.root.resolve().relative_to(root).as_posix()}/".encode(), getattr(t, name))
+                for t in tables
+            ]
+        )
+    return SampleTable(
+        root=root,
+        path=columns["path"],
+        label=np.concatenate([t.label for t in tables]),
+        attack_type=np.concatenate([t.attack_type for t in tables]),
+        subject=columns["subject"],
+        has_bbox=np.concatenate([t.has_bbox for t in tables]),
+        box=np.concatenate([t.box for t in tables]),
+        box_space=np.concatenate([t.box_space for t in tables]),
+        source=np.concatenate([t.source for t in tables]),
+        video=np.concatenate([t.video for t in tables]),
+        membership=np.concatenate([t.membership for t in tables]),
+    )
+
+
+def describe_sources(data_root):
+    """--data_root as the split records it: each source's format and resolved folder."""
+    return ",".join(
+        f"{source.format or fas_formats.detect_format(source.path)}:{source.path.resolve()}"
+        for source in fas_formats.parse_sources(data_root)
+    )
 
 
 def unlabelled_table(root, paths):
@@ -314,15 +410,19 @@ def assign_splits(table, val_fraction=0.1, test_fraction=0.1, seed=0, unseen_att
 
 SPLIT_COLUMNS = ["path", "label", "attack_type", "subject", "split"]
 BOX_COLUMNS = ["x1", "y1", "x2", "y2"]  # the face box, empty without one
+# box_space: WxH the box is measured in (CelebA-Spoof's 224x224), empty for the image's pixels; source: the
+# dataset; video: the video a frame comes from, empty for photos
+SOURCE_COLUMNS = ["box_space", "source", "video"]
 
 
 def write_split_csv(table, csv_path):
     csv_path = Path(csv_path)
     tmp = aside(csv_path)
     boxes = [["" if np.isnan(v) else f"{v:.7g}" for v in box] for box in table.box.tolist()]
+    box_spaces = ["" if np.isnan(w) else f"{w:g}x{h:g}" for w, h in table.box_space.tolist()]
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(SPLIT_COLUMNS + BOX_COLUMNS)
+        writer.writerow(SPLIT_COLUMNS + BOX_COLUMNS + SOURCE_COLUMNS)
         for row in zip(
             table.paths(),
             table.label.tolist(),
@@ -330,8 +430,11 @@ def write_split_csv(table, csv_path):
             (s.decode() for s in table.subject),
             (SPLITS[s] for s in table.split),
             boxes,
+            box_spaces,
+            (s.decode() for s in table.source),
+            (v.decode() for v in table.video),
         ):
-            writer.writerow(row[:-1] + tuple(row[-1]))
+            writer.writerow([*row[:5], *row[5], *row[6:]])
     os.replace(tmp, csv_path)
 
 
@@ -339,16 +442,21 @@ def read_split_csv(csv_path, root):
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header != SPLIT_COLUMNS + BOX_COLUMNS:
+        if header != SPLIT_COLUMNS + BOX_COLUMNS + SOURCE_COLUMNS:
             raise UserError(
-                f"{csv_path} is not a split file: expected the columns {','.join(SPLIT_COLUMNS + BOX_COLUMNS)}"
+                f"{csv_path} is not a split file: expected the columns "
+                f"{','.join(SPLIT_COLUMNS + BOX_COLUMNS + SOURCE_COLUMNS)}"
             )
         columns = list(zip(*reader)) or [()] * len(header)
     paths, labels, attack_types, subjects, splits = columns[:5]
     try:
         boxes = np.array(
-            [[float(v) if v else np.nan for v in box] for box in zip(*columns[5:])], dtype=np.float32
+            [[float(v) if v else np.nan for v in box] for box in zip(*columns[5:9])], dtype=np.float32
         ).reshape(-1, 4)
+        box_space = np.array(
+            [[float(v) for v in text.split("x")] if text else [np.nan, np.nan] for text in columns[9]],
+            dtype=np.float32,
+        ).reshape(-1, 2)
         table = _make_table(
             root,
             paths,
@@ -357,6 +465,9 @@ def read_split_csv(csv_path, root):
             subjects=subjects,
             has_bbox=~np.isnan(boxes[:, 0]),
             box=boxes,
+            box_space=box_space,
+            source=columns[10],
+            video=columns[11],
         )
         table.split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
     except (ValueError, KeyError) as error:
@@ -386,17 +497,21 @@ def check_held_out_splits(table, source):
         )
 
 
-def check_split_source(table, source, record_path):
+def check_split_source(table, data_root, record_path):
     """Refuse a split.csv made from other data, or whose images are gone: it would train on a stale list."""
     csv_path = record_path.with_name("split.csv")
-    data_root = str(source.resolve())
+    data_root = describe_sources(data_root)
     if not record_path.is_file():
         raise UserError(
             f"{csv_path} has no {record_path.name} beside it to say which data it splits: delete {csv_path.name} "
             "to split the data again"
         )
     recorded = json.loads(record_path.read_text())
-    if recorded["data_root"] != data_root:
+    try:  # a data_root set by hand may name a folder without its format
+        recorded_sources = describe_sources(recorded["data_root"])
+    except UserError:  # gone
+        recorded_sources = recorded["data_root"]
+    if recorded_sources != data_root:
         raise UserError(
             f"{csv_path} was made from {recorded['data_root']}, not {data_root}: use another "
             f"--output_dir for other data, or, if the same data moved, set data_root in {record_path}"
@@ -416,53 +531,149 @@ def check_split_source(table, source, record_path):
         )
 
 
+def data_root_folder(data_root):
+    """The folder split.csv's paths are relative to: the source's folder, or the common folder of several."""
+    roots = []
+    for source in fas_formats.parse_sources(data_root):
+        source_format = source.format or fas_formats.detect_format(source.path)
+        if source_format == "list":
+            roots.append(source.path.parent)
+        elif source_format in ("wfas", "folders"):
+            roots.append(resolve_data_root(source.path))
+        else:
+            roots.append(source.path)
+    if len(roots) == 1:
+        return roots[0]
+    return Path(os.path.commonpath([str(root.resolve()) for root in roots]))
+
+
+def apply_protocols(table, protocols, *, val_fraction, seed):
+    """(the table less the images its sources' official protocols leave out, the split of each image: the
+    protocol's, or -1 for a source without one). protocols: {format: protocol} (fas_formats.parse_protocols); a
+    source's default otherwise. A protocol without a dev set gets val from its train, by subject (val_fraction)."""
+    split = np.full(len(table), -1, dtype=np.int8)
+    keep = np.ones(len(table), dtype=bool)
+    for name in np.unique(table.source):
+        rows = np.flatnonzero(table.source == name)
+        memberships = [m.decode() for m in table.membership[rows]]
+        available = fas_formats.protocols_of(memberships)
+        if not available:
+            continue
+        source_format = name.decode().split("#")[0]
+        protocol = protocols.get(source_format, fas_formats.DEFAULT_PROTOCOL.get(source_format, fas_formats.OFFICIAL))
+        if protocol not in available:
+            raise UserError(
+                f"--protocol {source_format}:{protocol}: {source_format} has the protocols {', '.join(available)}"
+            )
+        for row, membership in zip(rows, memberships):
+            chosen = fas_formats.split_of(membership, protocol)
+            keep[row] = chosen is not None
+            if chosen is not None:
+                split[row] = SPLITS.index(chosen)
+        if not (split[rows] == SPLITS.index("val")).any():  # no dev set: val from train, by subject
+            train_rows = rows[split[rows] == SPLITS.index("train")]
+            split[train_rows] = carve_val(table.subject[train_rows], val_fraction=val_fraction, seed=seed)
+    return table.select(keep), split[keep]
+
+
+def carve_val(subjects, *, val_fraction, seed):
+    """The split (train or val) of each image of a protocol's train set without a dev set: whole subjects, in a
+    seeded order, go to val until it holds val_fraction of the images; a subject is a person here, whatever the
+    attack type, so no one is in both."""
+    names, subject_of_row, counts = np.unique(subjects, return_inverse=True, return_counts=True)
+    in_val = np.zeros(len(names), dtype=bool)
+    taken = 0
+    for subject in np.random.default_rng(seed).permutation(len(names))[:-1]:  # the last one always trains
+        if taken >= val_fraction * len(subjects):
+            break
+        in_val[subject] = True
+        taken += counts[subject]
+    return np.where(in_val[subject_of_row], SPLITS.index("val"), SPLITS.index("train")).astype(np.int8)
+
+
 def load_or_create_split(
-    data_root, output_dir, *, val_fraction=0.1, test_fraction=0.1, seed=0, log=print, unseen_attacks=None, split_by=None
+    data_root,
+    output_dir,
+    *,
+    val_fraction=0.1,
+    test_fraction=0.1,
+    seed=0,
+    log=print,
+    unseen_attacks=None,
+    split_by=None,
+    protocols=None,
 ):
     """The table with its split, from OUTPUT_DIR/split.csv when it exists (every run and both stages see the
     same split), else made and written with split_source.json, its data's record and its protocol: the held-out
-    attack types and subject or image splitting (None: as the split was made; new: none, subject)."""
-    source = Path(data_root).expanduser()
-    root = source.parent if source.is_file() else resolve_data_root(source)
+    attack types, subject or image splitting and the official protocols used (None: as the split was made; new:
+    none, subject, each source's default). Images of a source with an official protocol take its split; the
+    others are split here."""
+    root = data_root_folder(data_root)
     csv_path = Path(output_dir) / "split.csv"
     record_path = csv_path.with_name("split_source.json")
     if csv_path.exists():
         table = read_split_csv(csv_path, root)
-        check_split_source(table, source, record_path)
+        check_split_source(table, data_root, record_path)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
-        table = index_dataset(source)
+        table = index_dataset(data_root)
+        table, official = apply_protocols(table, protocols or {}, val_fraction=val_fraction, seed=seed)
         split_by = split_by or "subject"
         if split_by == "image":  # own data without subjects: each image is its own
             table.subject = table.path.copy()
-        table = assign_splits(
-            table,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            unseen_attacks=unseen_attacks or (),
-        )
-        check_held_out_splits(table, source)
+        rest = official < 0
+        if unseen_attacks and not rest.all():
+            raise UserError(
+                "--unseen_attacks holds attack types out of a split made here; a source with an official protocol "
+                "keeps its own splits: leave --unseen_attacks out"
+            )
+        if rest.any():
+            part = assign_splits(
+                table.select(rest),
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                seed=seed,
+                unseen_attacks=unseen_attacks or (),
+            )
+            official[rest] = part.split
+            table.unseen_attacks = part.unseen_attacks
+        table.split = official
+        check_held_out_splits(table, data_root)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
+        used = {
+            name.decode().split("#")[0]: (protocols or {}).get(name.decode().split("#")[0])
+            for name in np.unique(table.source[~rest])
+        }
+        used = {name: key or fas_formats.DEFAULT_PROTOCOL.get(name, fas_formats.OFFICIAL) for name, key in used.items()}
         write_json(
             record_path,
             {
-                "data_root": str(source.resolve()),
+                "data_root": describe_sources(data_root),
                 "num_images": len(table),
                 "split_by": split_by,
                 "unseen_attacks": list(table.unseen_attacks),
+                "protocols": used,
                 **({"warning": "one person's images may sit in both train and test"} if split_by == "image" else {}),
             },
         )
         write_split_csv(table, csv_path)
         log(f"Wrote a split by {split_by} to {csv_path} ({len(table)} images)")
-    recorded = {"split_by": "subject", "unseen_attacks": [], **json.loads(record_path.read_text())}
-    for key, asked in (("unseen_attacks", unseen_attacks and sorted(unseen_attacks)), ("split_by", split_by)):
+    recorded = {"split_by": "subject", "unseen_attacks": [], "protocols": {}, **json.loads(record_path.read_text())}
+    asked_protocols = None
+    if protocols:
+        asked_protocols = {**recorded["protocols"], **protocols}
+    checks = (
+        ("unseen_attacks", unseen_attacks and sorted(unseen_attacks)),
+        ("split_by", split_by),
+        ("protocols", asked_protocols),
+    )
+    for key, asked in checks:
         if asked is not None and asked != recorded[key]:
             raise UserError(
-                f"{csv_path} was made with --{key} {recorded[key] or 'none'}, not {asked or 'none'}: pass "
-                f"the same --{key}, or use another --output_dir for another protocol"
+                f"{csv_path} was made with --{key.removesuffix('s') if key == 'protocols' else key} "
+                f"{recorded[key] or 'none'}, not {asked or 'none'}: pass the same, or use another --output_dir for "
+                "another protocol"
             )
     if recorded["split_by"] == "image":
         log(
@@ -470,13 +681,13 @@ def load_or_create_split(
             "and test, which flatters the test metrics"
         )
     table.unseen_attacks = tuple(recorded["unseen_attacks"])
-    check_held_out_splits(table, source)
+    check_held_out_splits(table, data_root)
     train_labels = table.label[table.split == SPLITS.index("train")]
     num_live = int((train_labels == LIVE).sum())
     num_spoof = int((train_labels == SPOOF).sum())
     if num_live == 0 or num_spoof == 0:
         raise UserError(
-            f"the train split of {source} holds {num_live} live and {num_spoof} spoof images; "
+            f"the train split of {data_root} holds {num_live} live and {num_spoof} spoof images; "
             "training needs both classes (Train/living and Train/spoof)"
         )
     return table
@@ -527,8 +738,9 @@ def face_crop_box(box, width, height, scale=DEFAULT_FACE_CROP_SCALE):
     return 0.0, 0.0, float(width), float(height)
 
 
-def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0):
-    """The EXIF-oriented image, cropped around box (None: whole); min_side: a large JPEG decodes at 1/2, 1/4 or 1/8
+def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min_side=0, box_space=None):
+    """The EXIF-oriented image, cropped around box (None: whole; measured in box_space = (width, height) when given,
+    as CelebA-Spoof's 224 x 224, else in the image's pixels); min_side: a large JPEG decodes at 1/2, 1/4 or 1/8
     (free in the decoder) while the crop stays min_side wide. Unreadable: StorageError; undecodable: DECODE_ERRORS."""
     image_path = Path(image_path)
     try:
@@ -538,6 +750,8 @@ def load_face(image_path, box=None, face_crop_scale=DEFAULT_FACE_CROP_SCALE, min
     with Image.open(io.BytesIO(data)) as image:
         rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         width, height = (image.height, image.width) if rotated else image.size
+        if box is not None and box_space is not None and np.isfinite(box_space).all():
+            box = np.asarray(box, dtype=np.float64) * np.tile([width / box_space[0], height / box_space[1]], 2)
         crop = face_crop_box(box, width, height, scale=face_crop_scale)
         reduction = int((crop[2] - crop[0]) // min_side) if min_side else 1
         if image.format == "JPEG" and reduction >= 2:
@@ -588,6 +802,7 @@ class FaceDataset(torch.utils.data.Dataset):
         self.path = table.path
         self.label = table.label
         self.box = table.box
+        self.box_space = table.box_space
         self.row = table.row
         self.img_size = img_size
         self.face_crop_scale = face_crop_scale
@@ -601,7 +816,11 @@ class FaceDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             return self.cache.decode(self.row[index])
         face = load_face(
-            self.root / self.path[index].decode(), self.box[index], self.face_crop_scale, min_side=self.img_size
+            self.root / self.path[index].decode(),
+            self.box[index],
+            self.face_crop_scale,
+            min_side=self.img_size,
+            box_space=self.box_space[index],
         )
         return T.functional.pil_to_tensor(face)
 

@@ -454,3 +454,39 @@ def test_operating_points_need_both_classes_on_val_whichever_is_missing():
     assert (
         evaluation.operating_points(val_scores=[0.2, 0.3], val_labels=[0, 0], test_scores=[0.5], test_labels=[1]) == []
     )
+
+
+# --------------------------------------------------------------------------------------------- cross-dataset
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tpr_at_fpr_and_hter_agree_with_scikit_learn_and_a_loop(seed):
+    scores, labels, attack_types = random_case(seed, n=700)
+    fpr, tpr, _ = roc_curve(labels, scores)  # live = 1 positive; a score >= a threshold counts as positive
+    for limit in (0.01, 0.05, 0.2):
+        expected = max(t for f, t in zip(fpr, tpr) if f <= limit + 1e-12)
+        assert evaluation.tpr_at_fpr(scores, labels, limit) == pytest.approx(expected, abs=1e-12)
+    m = evaluation.cross_dataset_metrics(scores, labels, attack_types, threshold=0.42)
+    by_loop = metrics_by_loop(scores, labels, attack_types, 0.42)
+    assert m["hter"] == pytest.approx((by_loop["apcer"] + by_loop["bpcer"]) / 2, abs=1e-12)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert m["tpr_at_fpr_1%"] == evaluation.tpr_at_fpr(scores, labels, 0.01)
+
+
+def test_tpr_at_fpr_by_hand():
+    # spoof 0.9 0.7 0.2 0.1, live 0.8 0.6 0.3: accepting no spoof (a threshold above 0.9) accepts no live face;
+    # one (0.9: a threshold down to just above 0.7) live 0.8; two (0.9, 0.7: down to just above 0.2) all three
+    scores = [0.9, 0.7, 0.2, 0.1, 0.8, 0.6, 0.3]
+    labels = [0, 0, 0, 0, 1, 1, 1]
+    assert evaluation.tpr_at_fpr(scores, labels, 0.0) == 0
+    assert evaluation.tpr_at_fpr(scores, labels, 0.25) == pytest.approx(1 / 3)
+    assert evaluation.tpr_at_fpr(scores, labels, 0.5) == 1
+    assert math.isnan(evaluation.tpr_at_fpr([0.2], [1], 0.01))
+
+
+def test_a_videos_score_is_the_mean_of_its_frames():
+    scores, labels, types = evaluation.by_video(
+        [0.2, 0.4, 0.9, 0.6, 0.3], [1, 1, 0, 0, 1], list("llssl"), videos=list("aabba")
+    )
+    assert scores.tolist() == pytest.approx([(0.2 + 0.4 + 0.3) / 3, 0.75])
+    assert labels.tolist() == [1, 0] and types.tolist() == ["l", "s"]

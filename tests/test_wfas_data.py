@@ -192,7 +192,7 @@ def test_split_csv_is_written_once_and_reused(demo_root, tmp_path):
         demo_root, tmp_path, val_fraction=0.1, test_fraction=0.1, seed=0, log=lambda _: None
     )
     text = (tmp_path / "split.csv").read_text()
-    assert text.splitlines()[0] == "path,label,attack_type,subject,split,x1,y1,x2,y2"
+    assert text.splitlines()[0] == "path,label,attack_type,subject,split,x1,y1,x2,y2,box_space,source,video"
     reused = wfas_data.load_or_create_split(
         demo_root, tmp_path, val_fraction=0.5, test_fraction=0.3, seed=9, log=lambda _: None
     )
@@ -345,10 +345,11 @@ def test_a_split_is_not_reused_for_other_data_or_once_its_files_are_gone(demo_ro
     table = wfas_data.load_or_create_split(demo_root, exp, log=lambda _: None)
     record = json.loads((exp / "split_source.json").read_text())
     assert record == {
-        "data_root": str(demo_root.resolve()),
+        "data_root": f"wfas:{demo_root.resolve()}",
         "num_images": len(table),
         "unseen_attacks": [],
         "split_by": "subject",
+        "protocols": {},
     }
     other = make_tree(tmp_path / "OTHER", live_subjects=4)
     with pytest.raises(UserError, match="was made from .* not .*OTHER"):
@@ -567,12 +568,14 @@ def test_split_csv_round_trips_every_column_and_refuses_what_is_not_one(tmp_path
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(
         UserError,
-        match="empty.csv is not a split file: expected the columns path,label,attack_type,subject,split,x1,y1,x2,y2$",
+        match="empty.csv is not a split file: expected the columns path,label,attack_type,subject,split,x1,y1,x2,y2,"
+        "box_space,source,video$",
     ):
         wfas_data.read_split_csv(tmp_path / "empty.csv", tmp_path)
-    (tmp_path / "header.csv").write_text(",".join(wfas_data.SPLIT_COLUMNS + wfas_data.BOX_COLUMNS) + "\n")
+    header = ",".join(wfas_data.SPLIT_COLUMNS + wfas_data.BOX_COLUMNS + wfas_data.SOURCE_COLUMNS)
+    (tmp_path / "header.csv").write_text(header + "\n")
     assert len(wfas_data.read_split_csv(tmp_path / "header.csv", tmp_path)) == 0
-    (tmp_path / "damaged.csv").write_text("path,label,attack_type,subject,split,x1,y1,x2,y2\na.jpg,1,live,s,far,,,,\n")
+    (tmp_path / "damaged.csv").write_text(f"{header}\na.jpg,1,live,s,far,,,,,,wfas,\n")
     with pytest.raises(UserError, match="damaged.csv is damaged \\(.*\\); delete it to recompute the split$"):
         wfas_data.read_split_csv(tmp_path / "damaged.csv", tmp_path)
 

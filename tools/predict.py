@@ -24,6 +24,14 @@ It writes EXP/video_<name>.csv (a row per frame: time, box, P(live), the smoothe
 gives the clip's decision: the decision of most of its decided frames. --save_video draws them on the frames.
 --onnx scores with an export of tools/export_onnx.py (fp32 or INT8) instead of the checkpoint, for
 --predict_folder and --predict_video.
+
+    python tools/predict.py --output_dir EXP --evaluate msu_mfsd_frames/ [--all] [--protocol oulu_npu:3.2]
+
+--evaluate scores a labelled dataset the model may never have seen (any --data_root source: DIR or FORMAT:DIR, the
+frames of a video set included): its official test split, or all of it with --all. It writes
+EXP/cross_dataset/<name>_metrics.json: HTER at EXP's val threshold, APCER, BPCER, EER, AUC, TPR at FPR 1 % and
+0.1 % and the APCER of each attack type, per frame and per video (a video's score is the mean of its frames'), and
+<name>_predictions.csv beside it; report.md gets a cross-dataset section.
 """
 
 import argparse
@@ -47,13 +55,14 @@ import liveness  # noqa: E402
 import experiment_report  # noqa: E402
 import face_cache  # noqa: E402
 import face_detector  # noqa: E402
+import fas_formats  # noqa: E402
 import networks  # noqa: E402
 import training_run  # noqa: E402
 import wfas_data  # noqa: E402
 from tools.checkpoint_flags import checkpoint_parser  # noqa: E402
 from errors import StorageError, UserError, run_cli  # noqa: E402
 from progress import progress_bar  # noqa: E402
-from output_files import format_score, write_with  # noqa: E402
+from output_files import format_score, write_json, write_with  # noqa: E402
 
 logger = get_logger("predict")
 
@@ -70,6 +79,15 @@ def parse_args(argv=None):
         "--predict_folder", metavar="DIR", help="score every image below DIR into EXP/predictions_<DIR name>.csv"
     )
     parser.add_argument("--predict_video", metavar="FILE|INDEX", help="a video file, or a camera index (0, 1...)")
+    parser.add_argument(
+        "--evaluate", metavar="SOURCE", help="a labelled dataset (DIR or FORMAT:DIR) to score and measure"
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="--evaluate: all of the dataset, not its official test split"
+    )
+    parser.add_argument(
+        "--protocol", nargs="+", default=[], metavar="FORMAT:PROTOCOL", help="--evaluate: as for train_stage1.py"
+    )
     parser.add_argument("--onnx", help="an ONNX export (fp32 or INT8) to score with instead of the checkpoint")
     parser.add_argument("--smoothing", type=float, default=0.3, help="--predict_video: weight of the newest frame")
     parser.add_argument(
@@ -122,10 +140,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--face_cache_dir", help="where face caches live (default: EXP/face_cache)")
     args = parser.parse_args(argv)
-    if not (args.predict_lists or args.predict_folder or args.predict_video):
+    if not (args.predict_lists or args.predict_folder or args.predict_video or args.evaluate):
         raise UserError(
-            "nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt), --predict_folder DIR "
-            "or --predict_video FILE"
+            "nothing to score: pass --predict_lists (e.g. WFAS/Dev/Dev.txt WFAS/Test/Test.txt), --predict_folder DIR, "
+            "--predict_video FILE or --evaluate DATASET"
         )
     if args.onnx and args.predict_lists:
         raise UserError("--onnx scores --predict_folder and --predict_video; the submission uses the checkpoint")
@@ -375,6 +393,75 @@ def run_threshold(args, metadata):
     return threshold
 
 
+def evaluate_dataset(args, accelerator, *, model, img_size, face_crop_scale, threshold):
+    """EXP/cross_dataset/<name>_metrics.json and _predictions.csv of --evaluate (see the docstring)."""
+    table = wfas_data.index_dataset(args.evaluate)
+    protocols = fas_formats.parse_protocols(args.protocol)
+    table, official = wfas_data.apply_protocols(table, protocols, val_fraction=0, seed=0)
+    chosen = np.ones(len(table), dtype=bool)
+    scope = "all"
+    if not args.all:
+        if (official < 0).all():
+            raise UserError(f"--evaluate {args.evaluate} has no official test split: pass --all to score all of it")
+        chosen = official == wfas_data.SPLITS.index("test")
+        scope = "test"
+    table = table.select(chosen)
+    scores = evaluation.score_table(
+        model,
+        accelerator,
+        table,
+        img_size=img_size,
+        face_crop_scale=face_crop_scale,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        tta=args.tta,
+        desc="evaluating",
+        log_warning=logger.warning,
+    )
+    decoded = ~np.isnan(scores)
+    if not decoded.all():
+        logger.warning(f"{int((~decoded).sum())} images of {args.evaluate} could not be decoded: left out")
+    labels = table.label[decoded]
+    attack_types = np.array(table.attack_types())[decoded]
+    videos = np.array([v.decode() for v in table.video])[decoded]
+    frame_level = evaluation.cross_dataset_metrics(scores[decoded], labels, attack_types, threshold=threshold)
+    metrics = {"dataset": str(args.evaluate), "scope": scope, "frame": frame_level}
+    if videos.all():  # frames of videos: the video-level numbers too
+        video_scores, video_labels, video_types = evaluation.by_video(
+            scores[decoded], labels, attack_types, videos=videos
+        )
+        metrics["video"] = evaluation.cross_dataset_metrics(
+            video_scores, video_labels, video_types, threshold=threshold
+        )
+    sources = sorted({s.decode() for s in table.source})
+    name = "+".join(sources) + ("" if scope == "test" else "_all")
+    folder = Path(args.output_dir) / "cross_dataset"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "label", "attack_type", "video", "score"])
+                for path, label, attack_type, video, score in zip(
+                    np.array(table.paths())[decoded], labels.tolist(), attack_types, videos, scores[decoded]
+                ):
+                    writer.writerow([path, label, attack_type, video, format_score(score)])
+
+        write_with(folder / f"{name}_predictions.csv", write)
+        write_json(folder / f"{name}_metrics.json", metrics)
+        experiment_report.write_report(Path(args.output_dir))
+    levels = [level for level in ("frame", "video") if level in metrics]
+    for level in levels:
+        m = metrics[level]
+        logger.info(
+            f"{args.evaluate} ({scope}, {level} level, {m['num_images']} {level}s) at EXP's threshold "
+            f"{threshold:.4f}: HTER {m['hter']:.4f}  APCER {m['apcer']:.4f}  BPCER {m['bpcer']:.4f}  "
+            f"EER {m['eer']:.4f}  AUC {m['auc']:.4f}  TPR@FPR=1% {m['tpr_at_fpr_1%']:.4f}"
+        )
+    return {"metrics_path": str(folder / f"{name}_metrics.json"), **metrics}
+
+
 class FrameRow(NamedTuple):
     """A video frame's line of video_<name>.csv."""
 
@@ -529,6 +616,15 @@ def main(argv=None):
     if args.predict_lists:
         results["submission_path"] = write_submission(
             args, accelerator, model=model, img_size=img_size, face_crop_scale=face_crop_scale
+        )
+    if args.evaluate:
+        results["cross_dataset"] = evaluate_dataset(
+            args,
+            accelerator,
+            model=model,
+            img_size=img_size,
+            face_crop_scale=face_crop_scale,
+            threshold=run_threshold(args, metadata),
         )
     if args.predict_folder:
         results["folder_predictions"] = score_folder(
