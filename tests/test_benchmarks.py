@@ -48,6 +48,10 @@ def test_benchmark_loader_runs():
 def test_benchmark_index_runs(tmp_path):
     out = run_benchmark("benchmarks/benchmark_index.py", str(tmp_path / "tree"), "--images", "200")
     assert "indexed 200 images" in out
+    out = run_benchmark(
+        "benchmarks/benchmark_index.py", str(tmp_path / "celeba"), "--images", "200", "--format", "celeba_spoof"
+    )
+    assert "indexed 200 CelebA-Spoof images" in out
 
 
 def test_benchmark_detector_runs():

@@ -244,3 +244,18 @@ def test_bad_input_is_one_line(layouts, tmp_path):
     (tmp_path / "celeba" / "Data").mkdir(parents=True)
     with pytest.raises(UserError, match="no protocol folder metas/intra_test"):
         wfas_data.index_dataset(f"celeba_spoof:{tmp_path / 'celeba'}")
+
+
+def test_check_summarises_every_format_with_the_same_keys(layouts, demo_root):
+    wfas_keys = set(data.check_dataset(str(demo_root)))
+    for name, (root, expected) in layouts.items():
+        summary = data.check_dataset(f"{name}:{root}")
+        assert wfas_keys <= set(summary), name
+        labels = [e["label"] if isinstance(e, dict) else e[0] for e in expected.values()]
+        assert summary["num_images"] == len(expected) and summary["num_live"] == labels.count(1), name
+        assert summary["num_spoof"] == labels.count(0), name
+    oulu = data.check_dataset(f"oulu_npu:{layouts['oulu_npu'][0]}")
+    assert oulu["official_splits"]["2"] == {"train": 24, "val": 12, "test": 24}  # 2, 1, 2 users x 12 videos
+    assert (
+        oulu["missing_bbox"] == 0 and data.check_dataset(f"casia_fasd:{layouts['casia_fasd'][0]}")["missing_bbox"] == 25
+    )
