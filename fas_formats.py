@@ -153,19 +153,22 @@ def _read_text(path):
 
 
 def read_celeba_box(bb_path):
-    """x1, y1, x2, y2 of a CelebA-Spoof _BB.txt (`x y w h score`, in 224 x 224 coordinates), NaN when it is missing,
-    empty or does not parse (the dataset has a few such files: the whole image is then the face)."""
+    """x1, y1, x2, y2 of a CelebA-Spoof _BB.txt (`x y w h score`, in 224 x 224 coordinates); NaN when it is missing,
+    empty or of no area (the dataset has a few such: the whole image is then the face). Other text is a user
+    error."""
     try:
         fields = Path(bb_path).read_text().split()
     except FileNotFoundError:
         return np.full(4, np.nan)
     except OSError as error:
         raise StorageError(bb_path, error) from None
+    if not fields:
+        return np.full(4, np.nan)
     try:
         x, y, w, h = (float(v) for v in fields[:4])
     except ValueError:
-        return np.full(4, np.nan)
-    if len(fields) < 4 or w <= 0 or h <= 0:
+        raise UserError(f"{bb_path} does not parse as `x y w h score`: {' '.join(fields)[:80]!r}") from None
+    if w <= 0 or h <= 0:
         return np.full(4, np.nan)
     return np.array([x, y, x + w, y + h])
 

@@ -244,6 +244,10 @@ def test_bad_input_is_one_line(layouts, tmp_path):
     (tmp_path / "celeba" / "Data").mkdir(parents=True)
     with pytest.raises(UserError, match="no protocol folder metas/intra_test"):
         wfas_data.index_dataset(f"celeba_spoof:{tmp_path / 'celeba'}")
+    box_file = tmp_path / "000001_BB.txt"
+    box_file.write_text("61 45 sixty 112 0.99\n")
+    with pytest.raises(UserError, match="000001_BB.txt does not parse as `x y w h score`: '61 45 sixty 112 0.99'"):
+        fas_formats.read_celeba_box(box_file)
 
 
 def test_check_summarises_every_format_with_the_same_keys(layouts, demo_root):
