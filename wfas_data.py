@@ -663,17 +663,16 @@ def load_or_create_split(
     asked_protocols = None
     if protocols:
         asked_protocols = {**recorded["protocols"], **protocols}
-    checks = (
-        ("unseen_attacks", unseen_attacks and sorted(unseen_attacks)),
-        ("split_by", split_by),
-        ("protocols", asked_protocols),
+    checks = (  # (the record's key, the flag, what this run asks)
+        ("unseen_attacks", "--unseen_attacks", unseen_attacks and sorted(unseen_attacks)),
+        ("split_by", "--split_by", split_by),
+        ("protocols", "--protocol", asked_protocols),
     )
-    for key, asked in checks:
+    for key, flag, asked in checks:
         if asked is not None and asked != recorded[key]:
             raise UserError(
-                f"{csv_path} was made with --{key.removesuffix('s') if key == 'protocols' else key} "
-                f"{recorded[key] or 'none'}, not {asked or 'none'}: pass the same, or use another --output_dir for "
-                "another protocol"
+                f"{csv_path} was made with {flag} {recorded[key] or 'none'}, not {asked or 'none'}: pass the same "
+                f"{flag}, or use another --output_dir for another protocol"
             )
     if recorded["split_by"] == "image":
         log(
