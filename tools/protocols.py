@@ -31,7 +31,7 @@ from tools import data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OCIM = {"oulu_npu": "O", "casia_fasd": "C", "replay_attack": "I", "msu_mfsd": "M"}
-COLUMNS = {"hter": "HTER %", "auc": "AUC %", "tpr_at_fpr_1%": "TPR@FPR=1% %"}
+COLUMNS = {"hter": "HTER (%)", "auc": "AUC (%)", "tpr_at_fpr_1%": "TPR@FPR=1% (%)"}
 
 
 def parse_args(argv=None):
