@@ -37,6 +37,7 @@ EXP/cross_dataset/<name>_metrics.json: HTER at EXP's val threshold, APCER, BPCER
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import sys
 import time
@@ -176,7 +177,7 @@ def zip_one(path, member):
         zf.write(member, arcname=member.name)
 
 
-def write_submission(args, accelerator, model, img_size, face_crop_scale):
+def write_submission(args, accelerator, *, score, img_size, face_crop_scale):
     """EXP/submission.txt in list order, dev before test, and a zip of it. An image that cannot be decoded still
     gets its line, with 0.5, and a warning. Scores keep 12 decimals, so that confident ones do not collapse
     into ties at 1 or 0."""
@@ -202,19 +203,7 @@ def write_submission(args, accelerator, model, img_size, face_crop_scale):
                 accelerator=accelerator,
                 log=logger.info,
             )
-        scores = evaluation.score_table(
-            model,
-            accelerator,
-            table,
-            img_size=img_size,
-            face_crop_scale=face_crop_scale,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            tta=args.tta,
-            cache=cache,
-            desc=Path(list_file).name,
-            log_warning=logger.warning,
-        )
+        scores = score(table, cache=cache, desc=Path(list_file).name)
         undecodable = np.isnan(scores)
         if undecodable.any():
             logger.warning(f"{int(undecodable.sum())} images of {list_file} could not be decoded; they are scored 0.5")
@@ -291,7 +280,7 @@ def decide(source, score, threshold):
     return liveness.decision(score, threshold)
 
 
-def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold):
+def score_folder(args, accelerator, *, score, threshold):
     """EXP/predictions_<folder name>.csv, one row per face (see the docstring). An image that cannot be decoded,
     or holds no face, keeps a row, with an empty score and the decision "undecodable" or "no_face"."""
     folder = Path(args.predict_folder).expanduser()
@@ -312,18 +301,7 @@ def score_folder(args, accelerator, model, img_size, face_crop_scale, threshold)
     ).reshape(-1, 4)
     scores = np.full(len(rows), np.nan)
     if scored:
-        scores[scored] = evaluation.score_table(
-            model,
-            accelerator,
-            table,
-            img_size=img_size,
-            face_crop_scale=face_crop_scale,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            tta=args.tta,
-            desc=folder.name,
-            log_warning=logger.warning,
-        )
+        scores[scored] = score(table, desc=folder.name)
     decisions = np.array([decide(row.source, score, threshold) for row, score in zip(rows, scores)])
     csv_path = Path(args.output_dir) / f"predictions_{folder.resolve().name}.csv"
 
@@ -393,7 +371,7 @@ def run_threshold(args, metadata):
     return threshold
 
 
-def evaluate_dataset(args, accelerator, *, model, img_size, face_crop_scale, threshold):
+def evaluate_dataset(args, accelerator, *, score, threshold):
     """EXP/cross_dataset/<name>_metrics.json and _predictions.csv of --evaluate (see the docstring)."""
     table = wfas_data.index_dataset(args.evaluate)
     protocols = fas_formats.parse_protocols(args.protocol)
@@ -406,18 +384,7 @@ def evaluate_dataset(args, accelerator, *, model, img_size, face_crop_scale, thr
         chosen = official == wfas_data.SPLITS.index("test")
         scope = "test"
     table = table.select(chosen)
-    scores = evaluation.score_table(
-        model,
-        accelerator,
-        table,
-        img_size=img_size,
-        face_crop_scale=face_crop_scale,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        tta=args.tta,
-        desc="evaluating",
-        log_warning=logger.warning,
-    )
+    scores = score(table, desc="evaluating")
     decoded = ~np.isnan(scores)
     if not decoded.all():
         logger.warning(f"{int((~decoded).sum())} images of {args.evaluate} could not be decoded: left out")
@@ -612,28 +579,29 @@ def main(argv=None):
         f"Scoring with {checkpoint} ({metadata['model_name']}, image size {img_size}) on "
         f"{accelerator.num_processes} process(es)"
     )
-    model = accelerator.prepare(net)
+    # P(live) of a table's images (NaN where one does not decode), as every job below scores them
+    score = functools.partial(
+        evaluation.score_table,
+        accelerator.prepare(net),
+        accelerator,
+        img_size=img_size,
+        face_crop_scale=face_crop_scale,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        tta=args.tta,
+        log_warning=logger.warning,
+    )
     if args.predict_lists:
         results["submission_path"] = write_submission(
-            args, accelerator, model=model, img_size=img_size, face_crop_scale=face_crop_scale
+            args, accelerator, score=score, img_size=img_size, face_crop_scale=face_crop_scale
         )
     if args.evaluate:
         results["cross_dataset"] = evaluate_dataset(
-            args,
-            accelerator,
-            model=model,
-            img_size=img_size,
-            face_crop_scale=face_crop_scale,
-            threshold=run_threshold(args, metadata),
+            args, accelerator, score=score, threshold=run_threshold(args, metadata)
         )
     if args.predict_folder:
         results["folder_predictions"] = score_folder(
-            args,
-            accelerator,
-            model=model,
-            img_size=img_size,
-            face_crop_scale=face_crop_scale,
-            threshold=run_threshold(args, metadata),
+            args, accelerator, score=score, threshold=run_threshold(args, metadata)
         )
     accelerator.wait_for_everyone()
     return results
