@@ -20,6 +20,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -547,11 +548,17 @@ def data_root_folder(data_root):
     return Path(os.path.commonpath([str(root.resolve()) for root in roots]))
 
 
+class OfficialSplits(NamedTuple):
+    table: SampleTable  # less the images the sources' protocols leave out
+    split: np.ndarray  # int8 per image: the protocol's split, -1 for a source without a protocol
+    protocols: dict  # {format: the protocol used}
+
+
 def apply_protocols(table, protocols, *, val_fraction, seed):
-    """(the table less the images its sources' official protocols leave out, the split of each image: the
-    protocol's, or -1 for a source without one). protocols: {format: protocol} (fas_formats.parse_protocols); a
+    """The OfficialSplits of a table's sources. protocols: {format: protocol} (fas_formats.parse_protocols); a
     source's default otherwise. A protocol without a dev set gets val from its train, by subject (val_fraction)."""
     split = np.full(len(table), -1, dtype=np.int8)
+    used = {}
     keep = np.ones(len(table), dtype=bool)
     for name in np.unique(table.source):
         rows = np.flatnonzero(table.source == name)
@@ -565,6 +572,7 @@ def apply_protocols(table, protocols, *, val_fraction, seed):
             raise UserError(
                 f"--protocol {source_format}:{protocol}: {source_format} has the protocols {', '.join(available)}"
             )
+        used[source_format] = protocol
         for row, membership in zip(rows, memberships):
             chosen = fas_formats.split_of(membership, protocol)
             keep[row] = chosen is not None
@@ -573,7 +581,7 @@ def apply_protocols(table, protocols, *, val_fraction, seed):
         if not (split[rows] == SPLITS.index("val")).any():  # no dev set: val from train, by subject
             train_rows = rows[split[rows] == SPLITS.index("train")]
             split[train_rows] = carve_val(table.subject[train_rows], val_fraction=val_fraction, seed=seed)
-    return table.select(keep), split[keep]
+    return OfficialSplits(table=table.select(keep), split=split[keep], protocols=used)
 
 
 def carve_val(subjects, *, val_fraction, seed):
@@ -616,8 +624,11 @@ def load_or_create_split(
         check_split_source(table, data_root, record_path)
         log(f"Reusing the split in {csv_path} ({len(table)} images)")
     else:
-        table = index_dataset(data_root)
-        table, official = apply_protocols(table, protocols or {}, val_fraction=val_fraction, seed=seed)
+        official_splits = apply_protocols(
+            index_dataset(data_root), protocols or {}, val_fraction=val_fraction, seed=seed
+        )
+        table = official_splits.table
+        official = official_splits.split
         split_by = split_by or "subject"
         if split_by == "image":  # own data without subjects: each image is its own
             table.subject = table.path.copy()
@@ -641,11 +652,6 @@ def load_or_create_split(
         check_held_out_splits(table, data_root)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # the record first: split.csv appearing is what commits the split, so a kill leaves no unrecorded one
-        used = {
-            name.decode().split("#")[0]: (protocols or {}).get(name.decode().split("#")[0])
-            for name in np.unique(table.source[~rest])
-        }
-        used = {name: key or fas_formats.DEFAULT_PROTOCOL.get(name, fas_formats.OFFICIAL) for name, key in used.items()}
         write_json(
             record_path,
             {
@@ -653,7 +659,7 @@ def load_or_create_split(
                 "num_images": len(table),
                 "split_by": split_by,
                 "unseen_attacks": list(table.unseen_attacks),
-                "protocols": used,
+                "protocols": official_splits.protocols,
                 **({"warning": "one person's images may sit in both train and test"} if split_by == "image" else {}),
             },
         )

@@ -375,7 +375,9 @@ def evaluate_dataset(args, accelerator, *, score, threshold):
     """EXP/cross_dataset/<name>_metrics.json and _predictions.csv of --evaluate (see the docstring)."""
     table = wfas_data.index_dataset(args.evaluate)
     protocols = fas_formats.parse_protocols(args.protocol)
-    table, official = wfas_data.apply_protocols(table, protocols, val_fraction=0, seed=0)
+    official_splits = wfas_data.apply_protocols(table, protocols, val_fraction=0, seed=0)
+    table = official_splits.table
+    official = official_splits.split
     chosen = np.ones(len(table), dtype=bool)
     scope = "all"
     if not args.all:
